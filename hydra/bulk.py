@@ -1,0 +1,194 @@
+"""Bulk tagging: find the images, load them in the background, run the model in batches, write results.
+
+One bad file never ends a run: it is named on stderr with the reason and counted, and the run goes on.
+Outputs are written atomically (captions one by one, a CSV file as a whole at the end), so a crash or
+Ctrl-C leaves neither half-written files nor temporary debris.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from .common import AtomicFile, atomic_write
+from .loader import ImageLoader, LoadError
+from .tags import TagRules, format_caption
+
+# Files never treated as images (the original's skip list, matched case-insensitively here).
+SKIP_SUFFIXES = (".txt", ".csv", ".json", ".py", ".safetensors")
+
+
+def image_extensions() -> frozenset[str]:
+    """Lower-case file extensions Pillow can open (plus JPEG XL, which a plugin may add)."""
+    return frozenset(ext.lower() for ext in Image.registered_extensions()) | {".jxl"}
+
+
+def iter_images(paths: Iterable[str], recursive: bool = False) -> Iterator[str]:
+    """Expand files and folders into image paths.
+
+    A file given explicitly is always tried (whatever its name). In folders, entries starting with "." and
+    `__pycache__` are skipped, and only files with an image extension are taken (case-insensitive; a PNG
+    named `.jpg` is fine). Sub-folders are entered with `recursive`. Folders are listed in sorted order.
+    """
+    exts = image_extensions()
+    for path in paths:
+        if os.path.isdir(path):
+            yield from _scan(path, recursive, exts)
+        else:
+            yield path  # missing files are reported by the loader like any unreadable file
+
+
+def _scan(folder: str, recursive: bool, exts: frozenset[str]) -> Iterator[str]:
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        print(f"'{folder}': cannot list folder ({e.strerror or e})", file=sys.stderr)
+        return
+    for entry in entries:
+        name = entry.name
+        if name.startswith(".") or name == "__pycache__":
+            continue
+        if entry.is_dir():
+            if recursive:
+                yield from _scan(entry.path, recursive, exts)
+            continue
+        suffix = os.path.splitext(name)[1].lower()
+        if suffix in exts and suffix not in SKIP_SUFFIXES:
+            yield entry.path
+
+
+def caption_path(image_path: str) -> str:
+    """`folder/name.png` -> `folder/name.txt` (the original's rule: replace the extension)."""
+    return os.path.splitext(image_path)[0] + ".txt"
+
+
+@dataclass
+class Summary:
+    tagged: int = 0
+    failed: int = 0
+    skipped: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def line(self) -> str:
+        parts = [f"Tagged {self.tagged} image{'s' * (self.tagged != 1)}"]
+        if self.skipped:
+            parts.append(f"{self.skipped} skipped")
+        parts.append(f"{self.failed} failed")
+        return ", ".join(parts) + "."
+
+
+class CaptionSink:
+    """Writes one `.txt` caption beside each image."""
+
+    def __init__(self, rules: TagRules, prefix: str = "", shuffle: bool = False):
+        self.rules, self.prefix, self.shuffle = rules, prefix, shuffle
+
+    def needed_tags(self) -> np.ndarray | None:
+        return self.rules.active()
+
+    def write(self, path: str, probs: np.ndarray) -> None:
+        caption = format_caption(self.rules.classify(probs), self.prefix, self.shuffle)
+        with atomic_write(caption_path(path), "w", encoding="utf-8", newline="") as f:
+            f.write(caption)
+
+    def close(self, ok: bool) -> None:
+        pass
+
+
+class CsvSink:
+    """Raw probabilities of every tag, one row per image (`%.4f`, model order, csv default dialect).
+
+    `-o -` prints rows to stdout without a header (as the original); `-o PATH` writes a header row
+    (`filename`, then the tag names) and the rows to PATH, which appears only when the run completes.
+    """
+
+    def __init__(self, target: str, labels: Sequence[str]):
+        self._file = None if target == "-" else AtomicFile(target, "w", encoding="utf-8", newline="")
+        self._out = sys.stdout if self._file is None else self._file.file
+        self._csv = csv.writer(self._out)
+        if self._file is not None:
+            self._csv.writerow(["filename", *labels])
+
+    def needed_tags(self) -> np.ndarray | None:
+        return None
+
+    def write(self, path: str, probs: np.ndarray) -> None:
+        self._csv.writerow([path, *(f"{p:.4f}" for p in probs.tolist())])
+        if self._file is None:
+            self._out.flush()
+
+    def close(self, ok: bool) -> None:
+        if self._file is not None:
+            self._file.commit() if ok else self._file.discard()
+            self._file = None
+
+
+def report(path: str, reason: str, bar: tqdm | None = None) -> None:
+    """The one stderr line for a failed input."""
+    line = f"'{path}': {reason}"
+    if bar is not None:
+        bar.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr, flush=True)
+
+
+def run_bulk(predict: Callable[[list[dict], np.ndarray | None], np.ndarray], preprocess: Callable,
+             paths: Sequence[str], sink: CaptionSink | CsvSink, *, batch_size: int = 1, workers: int = 0,
+             share_memory: bool = True, progress: bool = True) -> Summary:
+    """Tag `paths` and hand each image's probabilities to `sink`.
+
+    Args:
+        predict: (samples, needed-tag mask or None) -> (B, T) probabilities, e.g. `Tagger.predict_samples`.
+        preprocess: picklable item -> sample function, run by the loader workers.
+    """
+    summary = Summary()
+    needed = sink.needed_tags()
+    bar = tqdm(total=len(paths), unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    ok = False
+    try:
+        with ImageLoader(preprocess, workers, share_memory) as loader:
+            for batch in _batches(loader.imap(paths), batch_size, summary, bar):
+                names = [p for p, _ in batch]
+                probs = predict([s for _, s in batch], needed)
+                for name, row in zip(names, probs):
+                    try:
+                        sink.write(name, row)
+                        summary.tagged += 1
+                    except OSError as e:
+                        _fail(summary, name, f"cannot write output ({e.strerror or e})", bar)
+                bar.update(len(batch))
+        ok = True
+    finally:
+        bar.close()
+        sink.close(ok)
+    return summary
+
+
+def _batches(results: Iterable[tuple[str, dict | LoadError]], size: int, summary: Summary,
+             bar: tqdm) -> Iterator[list[tuple[str, dict]]]:
+    batch: list[tuple[str, dict]] = []
+    for path, sample in results:
+        if isinstance(sample, LoadError):
+            _fail(summary, path, str(sample), bar)
+            bar.update(1)
+            continue
+        batch.append((path, sample))
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _fail(summary: Summary, path: str, reason: str, bar: tqdm | None) -> None:
+    summary.failed += 1
+    summary.failures.append((path, reason))
+    report(path, reason, bar)
+

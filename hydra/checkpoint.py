@@ -1,0 +1,129 @@
+"""Reading and writing safetensors files with clear errors, plus the JTP-3 model file's metadata schema.
+
+Model and extension files are user input: anything wrong with them (not safetensors, wrong architecture,
+missing / extra / mis-shaped tensors, bad metadata) is a `CheckpointError` naming the file and the problem,
+never a stack trace from deep inside torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .backbone import BACKBONE
+
+ARCHITECTURE = BACKBONE + "+rr_hydra"   # `modelspec.architecture` of JTP-3 and its extensions
+KEY_ARCHITECTURE = "modelspec.architecture"
+KEY_LABELS = "classifier.labels"        # tag names joined with "\n", model order
+KEY_BACKBONE = "hydra.backbone"         # ours: JSON timm overrides for small test models
+
+
+class CheckpointError(ValueError):
+    """A model, extension or training checkpoint file is unusable; the message says which and why."""
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The safetensors `__metadata__` block (empty dict if none)."""
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except FileNotFoundError:
+        raise
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def load_tensors(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                 keep: Callable[[str], bool] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read tensors one at a time (casting each as it arrives, so peak memory stays ~ the result's size).
+
+    Args:
+        dtype: cast floating-point tensors to this dtype (None keeps the stored dtype).
+        keep: optional filter on tensor names.
+
+    Returns:
+        (tensors, metadata)
+    """
+    try:
+        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {}
+            for name in f.keys():
+                if keep is not None and not keep(name):
+                    continue
+                t = f.get_tensor(name)
+                if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+                    t = t.to(dtype)
+                tensors[name] = t
+    except FileNotFoundError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    return tensors, meta
+
+
+def check_state(path: str | os.PathLike, state: Mapping[str, torch.Tensor],
+                expected: Mapping[str, tuple[int, ...]], what: str = "model") -> None:
+    """Raise one CheckpointError listing missing, unexpected and mis-shaped tensors (if any)."""
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k]))
+    problems = []
+    if missing:
+        problems.append(f"missing {_few(missing)}")
+    if extra:
+        problems.append(f"unexpected {_few(extra)}")
+    if shapes:
+        problems.append("wrong shape " + ", ".join(
+            f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k])})" for k in shapes[:3]))
+    if problems:
+        raise CheckpointError(f"{path}: not a valid {what} file: " + "; ".join(problems))
+
+
+def _few(keys: list[str], n: int = 4) -> str:
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def parse_backbone_overrides(path: str | os.PathLike, meta: Mapping[str, str]) -> dict:
+    """The `hydra.backbone` JSON object (test models), or {} when absent."""
+    raw = meta.get(KEY_BACKBONE)
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: metadata {KEY_BACKBONE} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: metadata {KEY_BACKBONE} must be a JSON object")
+    return value
+
+
+def check_architecture(path: str | os.PathLike, meta: Mapping[str, str]) -> str:
+    arch = meta.get(KEY_ARCHITECTURE)
+    if arch is None:
+        raise CheckpointError(f"{path}: missing metadata {KEY_ARCHITECTURE!r} (is this a JTP-3 model file?)")
+    if arch != ARCHITECTURE:
+        raise CheckpointError(f"{path}: unsupported architecture {arch!r}; this tool runs {ARCHITECTURE!r}")
+    return arch
+
+
+def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                     metadata: Mapping[str, str]) -> None:
+    """Write atomically: a hidden temporary file in the same folder, renamed over `path` when complete."""
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

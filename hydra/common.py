@@ -1,0 +1,98 @@
+"""Shared plumbing: logging to stderr, device and dtype choice (with the reason), atomic file writes.
+
+Everything a user reads while a run is going goes to stderr; stdout is kept for machine-readable output
+(CSV rows, JSON), so `inference.py -o - > probs.csv` stays clean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def log(*parts: object, end: str = "\n") -> None:
+    """Print a progress or status line to stderr."""
+    print(*parts, file=sys.stderr, end=end, flush=True)
+
+
+def default_device() -> str:
+    """`cuda` when a CUDA device is usable, else `cpu` (the original's `-d` default)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    cpu = getattr(torch, "cpu", None)
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in probes)
+
+
+def choose_dtype(device: str | torch.device, requested: str | None = None) -> tuple[torch.dtype, str]:
+    """Pick the run dtype and say why.
+
+    The original runs bf16 everywhere. On CUDA we do the same. On a CPU, bf16 is only fast with native
+    bf16 instructions (AVX512-BF16 or AMX: measured here ~2x faster than fp32 on an EPYC with AVX512-BF16);
+    without them PyTorch emulates bf16 and fp32 is several times faster. fp32 stays within the original's
+    numbers (it is the more precise of the two), so on such CPUs we use it.
+
+    Args:
+        device: the torch device the model will run on.
+        requested: "bf16", "fp32", "fp16", or None / "auto" to decide here.
+
+    Returns:
+        (dtype, reason) where reason is a short human-readable explanation.
+    """
+    if requested not in (None, "auto"):
+        if requested not in DTYPES:
+            raise ValueError(f"unknown dtype {requested!r}; choose one of auto, {', '.join(DTYPES)}")
+        return DTYPES[requested], f"{requested} (requested)"
+    if torch.device(device).type != "cpu":
+        return torch.bfloat16, "bf16 (accelerator, as the original)"
+    if cpu_has_fast_bf16():
+        return torch.bfloat16, "bf16 (CPU has native bf16 instructions)"
+    return torch.float32, "fp32 (CPU lacks native bf16; fp32 is faster there)"
+
+
+class AtomicFile:
+    """A hidden temporary file beside `path` that becomes `path` on `commit()`, or vanishes on `discard()`.
+
+    The temporary name starts with a dot, so folder scans skip it even while it exists.
+    """
+
+    def __init__(self, path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8",
+                 newline: str | None = None):
+        self.path = Path(path)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        binary = "b" in mode
+        self.file = os.fdopen(fd, mode, encoding=None if binary else encoding, newline=None if binary else newline)
+
+    def commit(self) -> None:
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        self.file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8",
+                 newline: str | None = None) -> Iterator:
+    """Write `path` all or nothing: a crash, Ctrl-C or exception in the block leaves the old file (if
+    any) untouched and no temporary file behind."""
+    f = AtomicFile(path, mode, encoding, newline)
+    try:
+        yield f.file
+    except BaseException:
+        f.discard()
+        raise
+    f.commit()

@@ -1,0 +1,164 @@
+"""Extensions: small safetensors files that add a tag to JTP-3, or replace one (spec §6).
+
+An extension holds one tag's query `q` (H, 1, E) and output matrix `out_proj.weight` (1, A, 2), an
+optional `validation` table (T_v, 4) of [tp, fp, tn, fn] counts, and metadata naming the tag.
+
+The q scale (a deliberate decision, see README): the base model stores its q rows RMS-normalised (L2 norm
+sqrt(E) = 8), and training sees RMSNorm(q) too, but the upstream builder writes unit-L2 q, which would run
+a tag 8x less sharp than it was validated. So every extension's q is RMS-normalised when merged. That is
+idempotent for files we build (already RMS-normalised) and restores the trained behaviour for files built
+upstream, so an extension behaves at inference as in the validation that chose its threshold.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import ARCHITECTURE, KEY_ARCHITECTURE, CheckpointError, load_tensors, save_safetensors
+from .head import RMS_EPS, HydraPool
+from .resources import DEFAULT_EXTENSIONS, default_extension_dir
+
+IMPLEMENTATION = "redrocket.extension.label.v1"
+DEFAULT_EXTENSION_DIR = DEFAULT_EXTENSIONS
+KEY_IMPLEMENTATION = "modelspec.implementation"
+KEY_LABEL = "classifier.label"
+KEY_CATEGORY = "classifier.label.category"
+KEY_IMPLIES = "classifier.label.implies"
+# Upstream's builder also saves frozen copies of the shared head; they are ignored when reading.
+FROZEN_COPIES = ("kv.weight", "ff_norm.weight", "ff_norm.bias", "ff_in.weight", "ff_out.weight")
+
+
+class ExtensionError(CheckpointError):
+    """An extension file is unusable or conflicts with another; the message names the file."""
+
+
+@dataclass
+class Extension:
+    path: str
+    label: str                        # e621 spelling, as stored
+    category: str                     # category name (default "general")
+    implies: list[str]
+    architecture: str
+    q: torch.Tensor                   # (H, 1, E)
+    out_proj: torch.Tensor            # (1, A, 2)
+    validation: torch.Tensor | None   # (T_v, 4) [tp, fp, tn, fn], or None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def find_extensions(paths: Sequence[str | os.PathLike] | None = None, use_default: bool = True,
+                    default_dir: str | os.PathLike | None = None) -> list[str]:
+    """Expand `-e` arguments: a directory yields its non-dot `*.safetensors` files (sorted, not recursive).
+
+    The default folder (`extensions/jtp-3-hydra` in the project folder) is added when it exists and
+    `use_default` is True (`-E` turns it off). The original lists folders in file-system order; we sort so
+    that appended tags get a stable order.
+    """
+    roots = [os.fspath(p) for p in (paths or [])]
+    default_dir = default_extension_dir() if default_dir is None else default_dir
+    if use_default and os.path.isdir(default_dir) and os.fspath(default_dir) not in roots:
+        roots.insert(0, os.fspath(default_dir))
+    found: list[str] = []
+    for root in roots:
+        if os.path.isdir(root):
+            found += sorted(e.path for e in os.scandir(root)
+                            if e.name.endswith(".safetensors") and not e.name.startswith(".") and e.is_file())
+        elif os.path.exists(root):
+            found.append(root)
+        else:
+            raise FileNotFoundError(f"extension {root!r} does not exist")
+    return list(dict.fromkeys(found))
+
+
+def read_extension(path: str | os.PathLike) -> Extension:
+    """Read and validate one extension file (shapes are checked against the model when merging)."""
+    tensors, meta = load_tensors(path)
+    impl = meta.get(KEY_IMPLEMENTATION)
+    if impl is None:
+        raise ExtensionError(f"{path}: missing SAI modelspec metadata ({KEY_IMPLEMENTATION})")
+    if impl != IMPLEMENTATION:
+        raise ExtensionError(f"{path}: unrecognized implementation {impl!r} (expected {IMPLEMENTATION!r})")
+    label = meta.get(KEY_LABEL, "")
+    if not label or any(c in label for c in " \\\t\r\n"):
+        raise ExtensionError(f"{path}: metadata {KEY_LABEL} must be a non-empty tag without spaces")
+    for name in ("q", "out_proj.weight"):
+        if name not in tensors:
+            raise ExtensionError(f"{path}: missing tensor {name!r}")
+    extra = sorted(set(tensors) - {"q", "out_proj.weight", "validation", *FROZEN_COPIES})
+    if extra:
+        raise ExtensionError(f"{path}: unexpected tensor(s) {', '.join(extra)}")
+    q, out = tensors["q"], tensors["out_proj.weight"]
+    if q.ndim != 3 or q.shape[1] != 1 or out.ndim != 3 or out.shape[0] != 1 or out.shape[2] != 2:
+        raise ExtensionError(f"{path}: expected q (H, 1, E) and out_proj.weight (1, A, 2), got "
+                             f"{tuple(q.shape)} and {tuple(out.shape)}")
+    validation = tensors.get("validation")
+    if validation is not None and (validation.ndim != 2 or validation.shape[1] != 4):
+        raise ExtensionError(f"{path}: validation must have shape (thresholds, 4), got {tuple(validation.shape)}")
+    return Extension(
+        path=os.fspath(path), label=label, category=meta.get(KEY_CATEGORY, "general"),
+        implies=meta.get(KEY_IMPLIES, "").split(), architecture=meta.get(KEY_ARCHITECTURE, ""),
+        q=q, out_proj=out, validation=validation, metadata=meta,
+    )
+
+
+def load_extensions(paths: Sequence[str | os.PathLike] | None = None, use_default: bool = True) -> list[Extension]:
+    """Find and read extensions; two files with the same label are a conflict."""
+    exts = [read_extension(p) for p in find_extensions(paths, use_default)]
+    seen: dict[str, str] = {}
+    for ext in exts:
+        if ext.label in seen:
+            raise ExtensionError(f"extensions {seen[ext.label]!r} and {ext.path!r} both define tag {ext.label!r}")
+        seen[ext.label] = ext.path
+    return exts
+
+
+def merge_extensions(pool: HydraPool, labels: list[str], exts: Iterable[Extension],
+                     architecture: str = ARCHITECTURE) -> list[str]:
+    """Merge extensions into `pool`: replace tags that exist, append the others (in the given order).
+
+    Returns:
+        The new label list (model order).
+    """
+    labels = list(labels)
+    index = {t: i for i, t in enumerate(labels)}
+    h, e, a = pool.cfg.n_heads, pool.cfg.head_dim, pool.cfg.attn_dim
+    new_q, new_out = [], []
+    for ext in exts:
+        if ext.architecture != architecture:
+            raise ExtensionError(f"{ext.path}: architecture {ext.architecture!r} does not match the model's "
+                                 f"{architecture!r}")
+        if tuple(ext.q.shape) != (h, 1, e) or tuple(ext.out_proj.shape) != (1, a, 2):
+            raise ExtensionError(f"{ext.path}: shapes q {tuple(ext.q.shape)}, out_proj.weight "
+                                 f"{tuple(ext.out_proj.shape)} do not fit this model (expected ({h}, 1, {e}) "
+                                 f"and (1, {a}, 2))")
+        q = rms_normalize(ext.q)
+        if ext.label in index:
+            # Upstream copies q into the out_proj slot here (a bug); we replace both, as intended.
+            pool.replace_tag(index[ext.label], q, ext.out_proj)
+        else:
+            index[ext.label] = len(labels)
+            labels.append(ext.label)
+            new_q.append(q)
+            new_out.append(ext.out_proj)
+    if new_q:
+        pool.append_tags(torch.cat(new_q, dim=1), torch.cat(new_out, dim=0))
+    return labels
+
+
+def rms_normalize(q: torch.Tensor) -> torch.Tensor:
+    """RMSNorm over the head dim (no weight), computed in float32: rows get L2 norm sqrt(E)."""
+    return F.rms_norm(q.float(), (q.shape[-1],), eps=RMS_EPS).to(q.dtype)
+
+
+def save_extension(path: str | os.PathLike, q: torch.Tensor, out_proj: torch.Tensor,
+                   metadata: dict[str, str], validation: torch.Tensor | None = None) -> None:
+    """Write an extension file with only its own tensors (q RMS-normalised, as the base model stores q)."""
+    tensors = {"q": rms_normalize(q).to(torch.bfloat16), "out_proj.weight": out_proj.to(torch.bfloat16)}
+    if validation is not None:
+        tensors["validation"] = validation.to(torch.int32)
+    meta = {KEY_IMPLEMENTATION: IMPLEMENTATION, KEY_ARCHITECTURE: ARCHITECTURE, **metadata}
+    save_safetensors(path, tensors, meta)

@@ -1,0 +1,133 @@
+"""The Hydra head (`attn_pool.*` in the checkpoint): per-tag cross-attention over the image tokens.
+
+Why per-tag queries: a single pooled vector has to serve 7,504 tags at once; giving every tag its own
+learned query (per attention head) lets each tag look at the patches that matter to it, the "many heads"
+the name refers to. After attention comes one shared SwiGLU feed-forward with a residual, and finally a
+per-tag SwiGLU output head (a 2048 -> 2 matrix per tag, logit = silu(z0) * z1). Spec §1.3.
+
+Parameter names and layouts are a file format: `q` (H, T, E), `kv.weight` (2A, D) with K rows before V
+rows, `ff_norm`, `ff_in.weight` (2F, A) with the activated half first, `ff_out.weight` (A, F), and
+`out_proj.weight` (T, A, 2) stored (in, out). Every dimension is read from these shapes.
+
+Shape legend: B = images, S = tokens, D = backbone width, T = tags, H = attention heads, E = head dim,
+A = H * E (attention width), F = feed-forward hidden size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+RMS_EPS = 1e-5  # RMSNorm on q and k: torch's default, no affine weight (not stored in the file)
+
+
+@dataclass(frozen=True)
+class HydraCfg:
+    """Head dimensions, all derived from the checkpoint's tensor shapes (`from_state`)."""
+
+    n_tags: int        # T
+    n_heads: int       # H
+    head_dim: int      # E
+    input_dim: int     # D, the backbone width
+    ff_dim: int        # F, SwiGLU hidden size (6144 for JTP-3)
+
+    @property
+    def attn_dim(self) -> int:  # A
+        return self.n_heads * self.head_dim
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor], prefix: str = "attn_pool.") -> HydraCfg:
+        h, t, e = state[prefix + "q"].shape
+        two_a, d = state[prefix + "kv.weight"].shape
+        two_f, a = state[prefix + "ff_in.weight"].shape
+        assert two_a == 2 * h * e and a == h * e, (state[prefix + "q"].shape, two_a, a)
+        return cls(n_tags=t, n_heads=h, head_dim=e, input_dim=d, ff_dim=two_f // 2)
+
+
+class BatchLinear(nn.Module):
+    """One small (in, out) matrix per tag, no bias: weight (T, in, out)."""
+
+    def __init__(self, n: int, d_in: int, d_out: int, **dd):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n, d_in, d_out, **dd))
+
+    def forward(self, x: Tensor, tags: Tensor | None = None) -> Tensor:
+        w = self.weight if tags is None else self.weight[tags]  # (T, A, 2)
+        # (B, T, A) x (T, A, 2): a batched matmul over tags, batch dimension folded into the rows.
+        return torch.bmm(x.transpose(0, 1), w).transpose(0, 1)  # (B, T, 2)
+
+
+class HydraPool(nn.Module):
+    """Per-tag cross-attention pool, SwiGLU feed-forward, per-tag SwiGLU output. Returns logits (B, T)."""
+
+    def __init__(self, cfg: HydraCfg, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.cfg = cfg
+        a = cfg.attn_dim
+        self.q = nn.Parameter(torch.empty(cfg.n_heads, cfg.n_tags, cfg.head_dim, **dd))  # (H, T, E)
+        self.kv = nn.Linear(cfg.input_dim, 2 * a, bias=False, **dd)
+        self.ff_norm = nn.LayerNorm(a, eps=1e-5, **dd)
+        self.ff_in = nn.Linear(a, 2 * cfg.ff_dim, bias=False, **dd)
+        self.ff_out = nn.Linear(cfg.ff_dim, a, bias=False, **dd)
+        self.out_proj = BatchLinear(cfg.n_tags, a, 2, **dd)
+        # The file stores q already RMS-normalised (upstream's loader sets q_normed=True), so inference
+        # uses it as stored. Training a new tag sets this False: q is then normalised on every forward.
+        self.q_normed = True
+
+    @property
+    def n_tags(self) -> int:
+        return self.q.shape[1]
+
+    def queries(self, tags: Tensor | None = None) -> Tensor:
+        q = self.q if tags is None else self.q[:, tags]  # (H, T, E)
+        return q if self.q_normed else F.rms_norm(q, (q.shape[-1],), eps=RMS_EPS)
+
+    def forward(self, x: Tensor, patch_valid: Tensor | None = None, tags: Tensor | None = None) -> Tensor:
+        """Logits for every tag, or only for `tags`.
+
+        Args:
+            x: (B, S, D) final backbone features (after the final LayerNorm).
+            patch_valid: (B, S) bool, False for padding tokens; None when nothing is padded.
+            tags: optional (T',) long indices: compute only these tags (same numbers, less work).
+
+        Returns:
+            (B, T) or (B, T') logits, in the activation dtype.
+        """
+        b, s, _ = x.shape
+        h, e = self.cfg.n_heads, self.cfg.head_dim
+        kv = self.kv(x).view(b, s, 2, h, e).permute(2, 0, 3, 1, 4)  # (2, B, H, S, E)
+        k = F.rms_norm(kv[0], (e,), eps=RMS_EPS)  # (B, H, S, E)
+        v = kv[1]  # (B, H, S, E)
+        q = self.queries(tags).unsqueeze(0).expand(b, -1, -1, -1)  # (B, H, T, E)
+        # Key-padding mask only: padded keys are excluded, and every query row is valid (no NaNs).
+        mask = None if patch_valid is None else patch_valid[:, None, None, :]  # (B, 1, 1, S)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, E)
+        y = attn.transpose(1, 2).reshape(b, -1, h * e)  # (B, T, A), (head, dim) order; no query residual
+        y = y + self.ff_out(swiglu(self.ff_in(self.ff_norm(y))))  # (B, T, A)
+        z = self.out_proj(y, tags)  # (B, T, 2)
+        return swiglu(z).squeeze(-1)  # (B, T)
+
+    # -- editing the tag set (extensions, training) -------------------------------------------------
+
+    def append_tags(self, q: Tensor, out_proj: Tensor) -> None:
+        """Add tags at the end. q: (H, n, E); out_proj: (n, A, 2)."""
+        self.q = nn.Parameter(torch.cat([self.q.data, q.to(self.q)], dim=1), requires_grad=False)
+        w = torch.cat([self.out_proj.weight.data, out_proj.to(self.out_proj.weight)], dim=0)
+        self.out_proj.weight = nn.Parameter(w, requires_grad=False)
+        self.cfg = HydraCfg(**{**self.cfg.__dict__, "n_tags": self.q.shape[1]})
+
+    def replace_tag(self, index: int, q: Tensor, out_proj: Tensor) -> None:
+        """Overwrite one tag's parameters in place. q: (H, 1, E); out_proj: (1, A, 2)."""
+        with torch.no_grad():
+            self.q[:, index:index + 1] = q.to(self.q)
+            self.out_proj.weight[index:index + 1] = out_proj.to(self.out_proj.weight)
+
+
+def swiglu(z: Tensor) -> Tensor:
+    """silu(first half) * second half, over the last dimension."""
+    a, g = z.chunk(2, dim=-1)
+    return F.silu(a) * g

@@ -1,0 +1,125 @@
+"""The interactive classifier of `inference.py` (run without paths): one image at a time, settings by command.
+
+Commands and output lines follow the original (spec §10.3). Scores are printed on the symmetric scale as
+percentages, most likely first.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from .image import MAX_SEQLEN, MIN_SEQLEN
+from .implications import MODES
+from .loader import describe_error
+from .tags import CATEGORIES, TagRules, TagSettings, load_calibration, parse_threshold, to_symmetric
+
+BANNER = """JTP-3 Hydra Interactive Classifier
+Type 'q' to quit, or 'h' for help.
+For bulk operations, quit and run again with a path, or '-h' for help."""
+
+REPL_CATEGORIES = "general copyright character species meta lore"
+
+
+def help_text(has_metadata: bool) -> str:
+    lines = [
+        "Provide a file path to classify, or one of the following commands:",
+        "  threshold NUM (-1.0 to 1.0, 0.2 to 0.8 recommended)",
+        "  calibration [PATH] (load calibration csv file)",
+    ]
+    if has_metadata:
+        lines += [
+            f"  exclude CATEGORY ({REPL_CATEGORIES})",
+            f"  include CATEGORY ({REPL_CATEGORIES})",
+            f"  implications MODE ({' '.join(MODES)})",
+        ]
+    lines += [
+        f"  seqlen LEN ({MIN_SEQLEN} to {MAX_SEQLEN}, 1024 recommended)",
+        "  quit (or 'q', 'exit')",
+    ]
+    return "\n".join(lines)
+
+
+def run(tagger, session: TagSettings, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
+    """Read commands and image paths until `q` or end of input."""
+    print(BANNER, file=stdout)
+    rules = session.rules()
+    while True:
+        print("> ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line:
+            print(file=stdout)
+            return
+        line = line.strip()
+        cmd, _, arg = line.partition(" ")
+        arg = arg.strip()
+        try:
+            if line in ("q", "quit", "exit"):
+                return
+            if line in ("", "h", "help", "?"):
+                print(help_text(session.metadata is not None), file=stdout)
+                continue
+            if cmd == "threshold" and arg:
+                t = float(arg) if _is_number(arg) else None
+                if t is None or not -1.0 <= t <= 1.0:
+                    print("Threshold must be between -1.0 and 1.0.", file=stdout)
+                    continue
+                session.threshold = parse_threshold(t)
+            elif cmd == "calibration" and (arg or line == "calibration"):
+                session.threshold = load_calibration(arg or "calibration.csv", session.rewrite)
+                print(f"Loaded calibration for {len(session.threshold)} tags.", file=stdout)
+            elif cmd in ("exclude", "include") and arg:
+                _need_metadata(session, cmd)
+                if arg not in CATEGORIES:
+                    print(f"Unknown category '{arg}'. Choose from: {' '.join(CATEGORIES)}", file=stdout)
+                    continue
+                cid = CATEGORIES[arg]
+                if cmd == "exclude" and cid not in session.exclude:
+                    session.exclude.append(cid)
+                elif cmd == "include" and cid in session.exclude:
+                    session.exclude.remove(cid)
+            elif cmd == "implications" and arg:
+                if arg not in MODES:
+                    print(f"Unknown implications mode '{arg}'. Choose from: {' '.join(MODES)}", file=stdout)
+                    continue
+                if arg != "off":
+                    _need_metadata(session, cmd)
+                session.mode = arg
+            elif cmd == "seqlen" and arg:
+                n = int(arg) if arg.isdigit() else 0
+                if not MIN_SEQLEN <= n <= MAX_SEQLEN:
+                    print(f"Sequence length must be between {MIN_SEQLEN} and {MAX_SEQLEN}.", file=stdout)
+                    continue
+                tagger.seqlen = n
+                continue
+            else:
+                _classify(tagger, rules, line, stdout)
+                continue
+            rules = session.rules()
+        except (OSError, ValueError) as e:
+            print(f"Error: {describe_error(e)}", file=stdout)
+
+
+def _classify(tagger, rules: TagRules, path: str, stdout: TextIO) -> None:
+    try:
+        sample = tagger.preprocess(path)
+    except Exception as e:
+        print(f"'{path}': {describe_error(e)}", file=stdout)
+        return
+    probs = tagger.predict_samples([sample], rules.active())[0]
+    tags = rules.classify(probs)
+    for tag in sorted(tags, key=lambda t: (-tags[t], t)):
+        print(f"  {to_symmetric(tags[tag]) * 100:6.1f}% {tag}", file=stdout)
+
+
+def _need_metadata(session: TagSettings, cmd: str) -> None:
+    if session.metadata is None:
+        raise ValueError(f"'{cmd}' requires tag metadata (-m PATH)")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,242 @@
+"""Background image decoding for bulk runs: worker processes, results in completion order, errors per file.
+
+Decoding and resizing a large image takes longer than the model's step on a GPU, so it runs in a pool of
+`spawn` processes (one BLAS thread each, no CUDA). Each worker has its own pipe, so the parent always knows
+which file a worker holds: if a worker dies (even a hard crash inside a C decoder) or hangs past the
+timeout, exactly that file is reported as failed, the worker is replaced, and the files queued behind it
+go to the replacement. The run never hangs on a lost worker.
+
+With `workers=0` everything runs in the calling process (handy for a few files, and for debugging).
+
+Samples are dicts of numpy arrays. With shared memory on (the default), a worker copies each array into a
+`multiprocessing.shared_memory` block and sends only its name; the parent copies it out and frees the
+block. Workers never import torch, so they start in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from multiprocessing import resource_tracker, shared_memory
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import numpy as np
+
+
+class LoadError(Exception):
+    """A file could not be turned into a sample; str(e) is the one-line reason shown to the user."""
+
+
+def describe_error(e: BaseException) -> str:
+    """A short, single-line reason for a failed image (no traceback)."""
+    text = " ".join(str(e).split())
+    if isinstance(e, LoadError):
+        return text
+    if isinstance(e, FileNotFoundError):
+        return "file not found (or a dangling link)"
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    if isinstance(e, IsADirectoryError):
+        return "is a directory"
+    if type(e).__name__ == "UnidentifiedImageError":
+        return "not an image Pillow can read (unknown or damaged format)"
+    if type(e).__name__ == "DecompressionBombError":
+        return f"refused as a possible decompression bomb ({text})"
+    return f"{text} ({type(e).__name__})" if text else type(e).__name__
+
+
+def _worker(conn: Connection, fn: Callable[[Any], dict], share_memory: bool) -> None:
+    while True:
+        try:
+            item = conn.recv()
+        except (EOFError, KeyboardInterrupt):
+            return
+        if item is None:
+            return
+        try:
+            out: Any = fn(item)
+            if share_memory:
+                out = {k: _to_shm(v) if isinstance(v, np.ndarray) else v for k, v in out.items()}
+        except Exception as e:  # reported per file; the worker lives on
+            out = LoadError(describe_error(e))
+        try:
+            conn.send((item, out))
+        except (BrokenPipeError, KeyboardInterrupt):
+            return
+
+
+class _Shared:
+    """A numpy array parked in a shared memory block (what travels through the pipe is just its name)."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: str):
+        self.name, self.shape, self.dtype = name, shape, dtype
+
+    def take(self) -> np.ndarray:
+        """Copy the array out and free the block (the receiving side calls this exactly once)."""
+        shm = shared_memory.SharedMemory(name=self.name)
+        try:
+            return np.ndarray(self.shape, self.dtype, buffer=shm.buf).copy()
+        finally:
+            shm.close()
+            shm.unlink()
+
+
+def _to_shm(arr: np.ndarray) -> _Shared:
+    shm = shared_memory.SharedMemory(create=True, size=max(arr.nbytes, 1))
+    np.ndarray(arr.shape, arr.dtype, buffer=shm.buf)[...] = arr
+    # The parent frees the block; stop this process's resource tracker from "cleaning it up" at exit.
+    resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+    shm.close()
+    return _Shared(shm.name, arr.shape, arr.dtype.str)
+
+
+def _from_shm(out: Any) -> Any:
+    if isinstance(out, dict):
+        return {k: v.take() if isinstance(v, _Shared) else v for k, v in out.items()}
+    return out
+
+
+class _Slot:
+    """One worker process and the items it holds (the first is in progress)."""
+
+    def __init__(self, ctx: Any, fn: Callable, share_memory: bool):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(child, fn, share_memory), daemon=True)
+        saved = {k: os.environ.get(k) for k in _WORKER_ENV}
+        os.environ.update(_WORKER_ENV)  # inherited at spawn: no thread oversubscription, no CUDA
+        try:
+            self.proc.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        child.close()
+        self.items: collections.deque = collections.deque()
+        self.since = time.monotonic()  # when the head item started
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+            self.proc.join(timeout=2)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(timeout=2)
+        self.conn.close()
+
+
+_WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+               "CUDA_VISIBLE_DEVICES": ""}
+
+
+class ImageLoader:
+    """Run `fn(item)` for every item in worker processes.
+
+    Args:
+        fn: picklable callable item -> dict of tensors (e.g. `hydra.image.JTP3Preprocess`).
+        workers: number of processes; 0 runs `fn` in the calling process.
+        share_memory: pass tensors through shared memory (`--no-shm` turns this off: plain pickling).
+        prefetch: items queued per worker.
+        timeout: seconds one item may take before its worker is killed and the item reported.
+    """
+
+    def __init__(self, fn: Callable[[Any], dict], workers: int = 0, share_memory: bool = True,
+                 prefetch: int = 2, timeout: float = 300.0):
+        self.fn, self.workers, self.share_memory = fn, workers, share_memory
+        self.prefetch, self.timeout = prefetch, timeout
+        self._ctx = mp.get_context("spawn")
+        self._slots: list[_Slot] = [self._spawn() for _ in range(workers)]
+
+    def _spawn(self) -> _Slot:
+        return _Slot(self._ctx, self.fn, self.share_memory)
+
+    def __enter__(self) -> ImageLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for slot in self._slots:
+            slot.stop()
+        self._slots = []
+
+    def imap(self, items: Iterable[Any]) -> Iterator[tuple[Any, dict | LoadError]]:
+        """Yield (item, sample) or (item, LoadError) for every item, in completion order."""
+        if not self._slots:
+            for item in items:
+                try:
+                    yield item, self.fn(item)
+                except Exception as e:
+                    yield item, LoadError(describe_error(e))
+            return
+        todo = iter(items)
+        requeued: collections.deque = collections.deque()
+        exhausted = False
+        while True:
+            # Keep every worker's queue topped up.
+            for slot in self._slots:
+                while len(slot.items) < self.prefetch:
+                    if requeued:
+                        item = requeued.popleft()
+                    elif not exhausted:
+                        item = next(todo, _END)
+                        if item is _END:
+                            exhausted = True
+                            break
+                    else:
+                        break
+                    if not slot.items:
+                        slot.since = time.monotonic()
+                    slot.items.append(item)
+                    slot.conn.send(item)
+            busy = [s for s in self._slots if s.items]
+            if not busy:
+                return
+            ready = wait([s.conn for s in busy] + [s.proc.sentinel for s in busy], timeout=1.0)
+            for i, slot in enumerate(self._slots):
+                if not slot.items:
+                    continue
+                if slot.conn in ready or slot.conn.poll():
+                    try:
+                        item, out = slot.conn.recv()
+                    except (EOFError, OSError):
+                        slot.proc.join(timeout=1)
+                        yield from self._replace(i, _crash_reason(slot), requeued)
+                        continue
+                    slot.items.popleft()
+                    slot.since = time.monotonic()
+                    yield item, _from_shm(out)
+                elif not slot.proc.is_alive():
+                    yield from self._replace(i, _crash_reason(slot), requeued)
+                elif time.monotonic() - slot.since > self.timeout:
+                    slot.proc.kill()
+                    yield from self._replace(i, f"timed out after {self.timeout:.0f} s", requeued)
+
+    def _replace(self, i: int, reason: str, requeued: collections.deque) -> Iterator[tuple[Any, LoadError]]:
+        """Report the worker's current item, requeue the rest, and start a fresh worker in its place."""
+        slot = self._slots[i]
+        culprit = slot.items.popleft()
+        requeued.extend(slot.items)
+        slot.items.clear()
+        slot.stop()
+        self._slots[i] = self._spawn()
+        yield culprit, LoadError(reason)
+
+
+def _crash_reason(slot: _Slot) -> str:
+    code = slot.proc.exitcode
+    if code is not None and code < 0:
+        return f"the loader worker crashed while decoding it (signal {-code})"
+    return f"the loader worker died while decoding it (exit code {code})"
+
+
+_END = object()
