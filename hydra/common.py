@@ -12,10 +12,14 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+# torch is imported inside the functions that need it: calibrate.py and loader workers import this module
+# and should not pay seconds of start-up for a library they do not use.
+DTYPE_NAMES = ("bf16", "fp32", "fp16")
 
 
 def log(*parts: object, end: str = "\n") -> None:
@@ -25,11 +29,15 @@ def log(*parts: object, end: str = "\n") -> None:
 
 def default_device() -> str:
     """`cuda` when a CUDA device is usable, else `cpu` (the original's `-d` default)."""
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cpu_has_fast_bf16() -> bool:
     """True when this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    import torch
+
     cpu = getattr(torch, "cpu", None)
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(cpu, name, lambda: False)()) for name in probes)
@@ -50,10 +58,13 @@ def choose_dtype(device: str | torch.device, requested: str | None = None) -> tu
     Returns:
         (dtype, reason) where reason is a short human-readable explanation.
     """
+    import torch
+
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
     if requested not in (None, "auto"):
-        if requested not in DTYPES:
-            raise ValueError(f"unknown dtype {requested!r}; choose one of auto, {', '.join(DTYPES)}")
-        return DTYPES[requested], f"{requested} (requested)"
+        if requested not in dtypes:
+            raise ValueError(f"unknown dtype {requested!r}; choose one of auto, {', '.join(DTYPE_NAMES)}")
+        return dtypes[requested], f"{requested} (requested)"
     if torch.device(device).type != "cpu":
         return torch.bfloat16, "bf16 (accelerator, as the original)"
     if cpu_has_fast_bf16():

@@ -19,6 +19,7 @@ DEFAULT_MODEL = "models/jtp-3-hydra.safetensors"
 DEFAULT_METADATA = "data/jtp-3-hydra-tags.csv"
 DEFAULT_EXTENSIONS = "extensions/jtp-3-hydra"
 DEFAULT_CALIBRATION = "calibration.csv"
+DEFAULT_VALIDATION = "data/jtp-3-hydra-val.csv"
 
 MODEL_SHA256 = "1b91691be739ba07d5d7cfb74296ab19ab016d7eabad03542a0a34c90a3d9969"
 MODEL_SIZE = 1_002_587_984
@@ -26,6 +27,8 @@ MODEL_SIZE = 1_002_587_984
 METADATA_SHA256 = ("0ed081ac3d27c4ab7e63b2c1e8e8542c1f0cf3936a71d4463bd7a321f1b07641",
                    "aa0964419b9d29a5574f594aa6d693bbc3065c1c503a385b69baff90cc75a936")
 METADATA_SIZE = (188_822, 196_327)
+VALIDATION_SHA256 = "c7e9901ae3dec04942ed5ecb7dda0fbbf01afc4d27b1b5f80d509b664952ff77"
+VALIDATION_SIZE = 42_149_079
 
 
 def project_path(relative: str) -> str:

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Easy mode (spec 11): a menu for tagging folders, the web app, calibration and interactive tagging.
+# Twin of easy.bat: keep both line-for-line parallel (same prompts, same order, same defaults).
+# HYDRA_PYTHON overrides the interpreter (default venv/bin/python); the tests use it to record commands.
+ORIG_DIR=$PWD
+cd "$(dirname "$0")" || exit 1
+PY=${HYDRA_PYTHON:-venv/bin/python}
+export HYDRA_PYTHON=$PY
+
+ask() {  # ask VAR "prompt" default: read a line (ENTER = default); fails at end of input
+    local answer status
+    read -r -p "$2" answer
+    status=$?
+    answer=${answer%$'\r'}
+    printf -v "$1" '%s' "${answer:-$3}"
+    return $status
+}
+
+autotag() {
+    if [ -f calibration.csv ]; then
+        echo "Using calibration.csv for the per-tag thresholds."
+        THRESHOLD=calibration.csv
+    else
+        ask THRESHOLD "Threshold, -1.0 to 1.0, lower gives more tags [0.2]: " 0.2
+    fi
+    ask TARGET "Image or folder to tag (drag and drop it here): " ""
+    TARGET=${TARGET#[\"\']}  # drag and drop may add quotes
+    TARGET=${TARGET%[\"\']}
+    if [ -z "$TARGET" ]; then
+        echo "No path given."
+        return
+    fi
+    case "$TARGET" in
+        "~/"*) TARGET="$HOME/${TARGET#"~/"}" ;;
+        /*) ;;
+        *) TARGET="$ORIG_DIR/$TARGET" ;;
+    esac
+    ask RECURSE "Include subfolders? (y/n) [n]: " n
+    RFLAG=()
+    if [ "$RECURSE" = "y" ] || [ "$RECURSE" = "Y" ]; then
+        RFLAG=(-r)
+    fi
+    "$PY" inference.py -t "$THRESHOLD" "${RFLAG[@]}" "$TARGET"
+}
+
+app() {
+    echo "Starting the web interface. Open the URL it prints in your browser; press Ctrl+C to stop."
+    "$PY" app.py
+}
+
+update() {
+    git pull || echo "Update failed. Is git installed, and is this folder a git clone?"
+}
+
+if ! command -v "$PY" >/dev/null 2>&1; then
+    echo "First run: installing JTP-3 Hydra into venv/ ..."
+    if ! bash install.sh; then
+        echo "Installation failed; see the messages above."
+        exit 1
+    fi
+fi
+
+echo "JTP-3 Hydra easy mode"
+while true; do
+    echo
+    echo "  autotag      write .txt tag files for an image or a folder"
+    echo "  app          start the web interface"
+    echo "  calibrate    choose per-tag thresholds, saved as calibration.csv"
+    echo "  interactive  tag images one at a time"
+    echo "  update       update this folder with git pull"
+    echo "  exit"
+    ask CHOICE "What would you like to do? " "" || exit 0
+    case "$CHOICE" in
+        autotag | inference) autotag ;;
+        app) app ;;
+        calibrate) bash calibrate.sh ;;
+        interactive) "$PY" inference.py ;;
+        update) update ;;
+        exit) exit 0 ;;
+        "") ;;
+        *) echo "Unknown choice '$CHOICE'." ;;
+    esac
+done
