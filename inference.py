@@ -128,6 +128,9 @@ def load(args: argparse.Namespace) -> tuple[Tagger, TagSettings]:
     mode = args.implications or ("inherit" if metadata else "off")
     if mode != "off" and metadata is None:
         raise ValueError(f"implications mode '{mode}' requires tag metadata (-m PATH)")
+    exclude = parse_categories(args.exclude)
+    if exclude and metadata is None:
+        raise ValueError("category exclusion requires tag metadata (-m PATH)")
 
     extensions = load_extensions(args.extension, not args.no_default_extensions)
     model_path = resolve_model(args.model)
@@ -143,9 +146,7 @@ def load(args: argparse.Namespace) -> tuple[Tagger, TagSettings]:
         else:
             log(f"Ignoring tag '{label}' from uncalibrated extension '{ext.path}'.")
     labels = [rewrite(t) for t in tagger.labels]
-    settings = TagSettings(labels, metadata, rewrite, threshold, mode, parse_categories(args.exclude))
-    settings.rules()  # validate now (e.g. -x without metadata), before any work
-    return tagger, settings
+    return tagger, TagSettings(labels, metadata, rewrite, threshold, mode, exclude)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -202,8 +202,8 @@ def collate(samples: Sequence[dict[str, np.ndarray]], pad_to: int | None = None)
     coord = torch.zeros(b, seq, 2, dtype=torch.int16)  # (B, S, 2)
     valid = torch.zeros(b, seq, dtype=torch.bool)  # (B, S)
     for i, (s, n) in enumerate(zip(samples, lengths)):
-        patches[i, :n] = torch.from_numpy(s["patches"])
-        coord[i, :n] = torch.from_numpy(s["patch_coord"])
+        patches[i, :n].numpy()[...] = s["patches"]  # copy through numpy: inputs may be read-only views
+        coord[i, :n].numpy()[...] = s["patch_coord"]
         valid[i, :n] = True
     return {"patches": patches, "patch_coord": coord, "patch_valid": valid}
 

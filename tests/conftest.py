@@ -1,0 +1,70 @@
+"""Shared fixtures: the real tag list, tiny random JTP-3 models in the real file format, test images.
+
+Nothing here touches the network: HF_HUB_OFFLINE is set for the whole session, so a missing default
+file raises a DownloadError instead of fetching.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+ROOT = Path(__file__).resolve().parent.parent
+TAGS_CSV = ROOT / "data" / "jtp-3-hydra-tags.csv"
+sys.path.insert(0, str(ROOT))
+
+
+def real_tags() -> list[str]:
+    """The 7,504 real JTP-3 tags in model order (the CSV is sorted like the model's labels)."""
+    lines = TAGS_CSV.read_text(encoding="utf-8").splitlines()[1:]
+    return [line.split(",", 1)[0] for line in lines]
+
+
+@pytest.fixture(scope="session")
+def tags() -> list[str]:
+    return real_tags()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tags) -> str:
+    """A tiny random model over all 7,504 real tags (~1 MB backbone, fast on CPU)."""
+    from hydra.fixtures import write_model
+
+    return write_model(tmp_path_factory.mktemp("model") / "tiny.safetensors", tags)
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory) -> tuple[str, list[str]]:
+    """A tiny model over 12 made-up tags, for tests that look at individual tags."""
+    from hydra.fixtures import write_model
+
+    names = [f"tag_{i:02d}" for i in range(12)]
+    return write_model(tmp_path_factory.mktemp("small") / "small.safetensors", names, seed=3), names
+
+
+def noise_image(width: int, height: int, seed: int = 0, mode: str = "RGB"):
+    """A deterministic random-pixel PIL image (smooth enough to survive resizing differently per image)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(height // 8, 1), max(width // 8, 1), 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR)
+    return img.convert(mode) if mode != "RGB" else img
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """Three images of different sizes, one in a sub-folder, plus files that must be skipped."""
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    noise_image(300, 200, 1).save(folder / "a.png")
+    noise_image(64, 640, 2).save(folder / "b.jpg", quality=95)
+    noise_image(120, 90, 3).save(folder / "sub" / "c.webp")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".hidden.png").write_bytes(b"")
+    return folder

@@ -1,0 +1,69 @@
+"""The background loader: results and per-file errors with 0 or several workers, shared memory on and off,
+and a worker that crashes hard or hangs (the file is reported, the worker replaced, the run goes on).
+
+    venv/bin/python -m pytest tests/test_loader.py -q
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+
+import numpy as np
+import pytest
+
+from hydra.loader import ImageLoader, LoadError
+
+
+def make_sample(item: str) -> dict:
+    """A picklable stand-in for image preprocessing with scripted failures."""
+    if item.startswith("crash"):
+        ctypes.string_at(0)  # segfault, as a broken C decoder would
+    if item.startswith("exit"):
+        os._exit(3)
+    if item.startswith("hang"):
+        time.sleep(60)
+    if item.startswith("bad"):
+        raise ValueError("cannot decode this one")
+    n = int(item.split("-")[1])
+    return {"patches": np.full((n, 4), n, np.uint8), "patch_coord": np.zeros((n, 2), np.int16)}
+
+
+def run(items, **kw):
+    with ImageLoader(make_sample, **kw) as loader:
+        return dict(loader.imap(items))
+
+
+@pytest.mark.parametrize("workers,shm", [(0, True), (2, True), (2, False)])
+def test_results_and_errors(workers, shm):
+    items = [f"ok-{i}" for i in range(1, 8)] + ["bad-1"]
+    out = run(items, workers=workers, share_memory=shm)
+    assert set(out) == set(items)
+    for i in range(1, 8):
+        assert out[f"ok-{i}"]["patches"].shape == (i, 4) and out[f"ok-{i}"]["patches"][0, 0] == i
+    assert isinstance(out["bad-1"], LoadError) and "cannot decode this one" in str(out["bad-1"])
+
+
+@pytest.mark.parametrize("culprit,reason", [("crash-x", "crashed while decoding it (signal 11)"),
+                                            ("exit-x", "died while decoding it (exit code 3)")])
+def test_dead_worker_is_replaced_and_its_file_reported(culprit, reason):
+    items = ["ok-1", "ok-2", culprit, "ok-3", "ok-4", "ok-5", "ok-6"]
+    t0 = time.monotonic()
+    out = run(items, workers=2, prefetch=3)
+    assert set(out) == set(items)
+    assert isinstance(out[culprit], LoadError) and reason in str(out[culprit])
+    assert all(not isinstance(out[f"ok-{i}"], LoadError) for i in range(1, 7))
+    assert time.monotonic() - t0 < 30
+
+
+def test_hanging_file_times_out():
+    out = run(["ok-1", "hang-x", "ok-2"], workers=1, timeout=2.0)
+    assert "timed out" in str(out["hang-x"]) and out["ok-2"]["patches"].shape == (2, 4)
+
+
+def test_no_shared_memory_left_behind():
+    before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    run([f"ok-{i}" for i in range(1, 6)], workers=2, share_memory=True)
+    after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    assert not {n for n in after - before if n.startswith("psm_")}
