@@ -15,25 +15,28 @@ import signal
 import sys
 
 from hydra import interactive
-from hydra.bulk import CaptionSink, CsvSink, iter_images, run_bulk
+from hydra.bulk import FORMATS, CaptionSink, CsvSink, PrintSink, iter_images, run_bulk
 from hydra.checkpoint import CheckpointError
 from hydra.common import log
 from hydra.extensions import load_extensions
 from hydra.hub import DownloadError
-from hydra.image import DEFAULT_SEQLEN, MAX_SEQLEN, MIN_SEQLEN
+from hydra.image import DEFAULT_MAX_SIZE, DEFAULT_SEQLEN, MAX_SEQLEN, MIN_SEQLEN, is_url
 from hydra.implications import MODE_HELP, MODES
 from hydra.resources import DEFAULT_CALIBRATION, DEFAULT_METADATA, DEFAULT_MODEL, resolve_metadata, resolve_model
-from hydra.tagger import Tagger
+from hydra.tagger import JTP3, Tagger, detect_family
 from hydra.tags import (
     CATEGORIES,
     UNKNOWN_CATEGORY,
     DataFileError,
+    TagMetadata,
     TagSettings,
     load_metadata,
     parse_categories,
     parse_threshold,
     tag_rewriter,
 )
+
+DINOV3_TOPK = 30  # the DINOv3 card's CLI default: its probabilities are uncalibrated
 
 EPILOG = "\n".join([
     "MODE:", *(f"  {m:<18}{MODE_HELP[m]}" for m in MODES), "",
@@ -57,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-x", "--exclude", metavar="CATEGORY", action="append", default=[],
                    help="Exclude the specified category of tags. May be specified multiple times. "
                         "Requires tag metadata.")
+    g.add_argument("--topk", metavar="K", type=_positive,
+                   help="Output the K most probable tags instead of thresholding. "
+                        f"(Default: threshold; {DINOV3_TOPK} for the DINOv3 tagger unless -t is given)")
     g = p.add_argument_group("output")
     g.add_argument("-p", "--prefix", default="",
                    help="Prefix all .txt caption files with the specified text. If the prefix matches a tag, "
@@ -66,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "caption files are written.")
     g.add_argument("-O", "--original-tags", action="store_true",
                    help="Do not rewrite tags for compatibility with diffusion models.")
+    g.add_argument("--format", choices=FORMATS,
+                   help="Print each image's tags to standard output in this format instead of writing .txt "
+                        "captions (json: one array at the end; jsonl: one object per line).")
     g.add_argument("--shuffle", action="store_true",
                    help="Shuffle the tags of each caption randomly, as the original does. "
                         "(Default: most probable first)")
@@ -80,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "extensions in the specified directory are loaded. (Default: extensions/jtp-3-hydra)")
     g.add_argument("-E", "--no-default-extensions", action="store_true",
                    help="Do not load extensions by default.")
+    g = p.add_argument_group("DINOv3 tagger (-M tagger_proto.safetensors)")
+    g.add_argument("--vocab", metavar="PATH",
+                   help="Vocabulary JSON of the DINOv3 tagger. (Default: tagger_vocab_with_categories.json or "
+                        "tagger_vocab.json next to the checkpoint)")
+    g.add_argument("--max-size", metavar="PX", type=_max_size, default=DEFAULT_MAX_SIZE,
+                   help=f"Cap on the long image edge, never upscaled. (Default: {DEFAULT_MAX_SIZE})")
+    g.add_argument("--exif", action="store_true",
+                   help="Apply EXIF orientation (the published script does not; off for parity).")
+    g.add_argument("--white-background", action="store_true",
+                   help="Composite transparency on white (the published script drops alpha; off for parity).")
     g = p.add_argument_group("execution")
     g.add_argument("-b", "--batch", metavar="BATCH_SIZE", type=_positive, default=1, help="Batch size.")
     g.add_argument("-w", "--workers", metavar="N_WORKERS", type=int, default=-1,
@@ -104,6 +123,13 @@ def _positive(text: str) -> int:
     return n
 
 
+def _max_size(text: str) -> int:
+    n = int(text)
+    if not 16 <= n <= 8192:
+        raise argparse.ArgumentTypeError("must be between 16 and 8192")
+    return n
+
+
 def _seqlen(text: str) -> int:
     n = int(text)
     if not MIN_SEQLEN <= n <= MAX_SEQLEN:
@@ -113,30 +139,35 @@ def _seqlen(text: str) -> int:
 
 def load(args: argparse.Namespace) -> tuple[Tagger, TagSettings]:
     """The model and the tag settings of a run, from the command line. Logs what it loads to stderr."""
-    rewrite = tag_rewriter(args.original_tags)
+    model_path = resolve_model(args.model)
+    jtp3 = detect_family(model_path, args.vocab) == JTP3
+    # The vulva -> pussy rename is JTP-3's convention; the DINOv3 vocabulary has both tags, keep it as is.
+    rewrite = tag_rewriter(args.original_tags or not jtp3)
     metadata = None
-    if metadata_path := resolve_metadata(args.metadata):
+    if metadata_path := (resolve_metadata(args.metadata) if jtp3 else args.metadata or None):
         log(f"Loading '{metadata_path}' ...", end="")
         metadata = load_metadata(metadata_path, rewrite)
         log(f" {len(metadata.category)} tags")
     threshold_arg = args.threshold
     if threshold_arg is None:
-        threshold_arg = DEFAULT_CALIBRATION if os.path.isfile(DEFAULT_CALIBRATION) else "0.5"
+        threshold_arg = DEFAULT_CALIBRATION if jtp3 and os.path.isfile(DEFAULT_CALIBRATION) else "0.5"
     threshold = parse_threshold(threshold_arg, rewrite)
     if isinstance(threshold, dict):
         log(f"Loading '{threshold_arg}' ... {len(threshold)} tags")
-    mode = args.implications or ("inherit" if metadata else "off")
-    if mode != "off" and metadata is None:
-        raise ValueError(f"implications mode '{mode}' requires tag metadata (-m PATH)")
     exclude = parse_categories(args.exclude)
-    if exclude and metadata is None:
-        raise ValueError("category exclusion requires tag metadata (-m PATH)")
+    if jtp3:
+        _check_metadata_needs(args, metadata, exclude)
 
-    extensions = load_extensions(args.extension, not args.no_default_extensions)
-    model_path = resolve_model(args.model)
+    extensions = load_extensions(args.extension, jtp3 and not args.no_default_extensions)
     log(f"Loading '{model_path}' ...", end="")
-    tagger = Tagger(model_path, device=args.device, dtype=args.dtype, seqlen=args.seqlen, extensions=extensions)
+    tagger = Tagger(model_path, args.vocab, device=args.device, dtype=args.dtype, seqlen=args.seqlen,
+                    max_size=args.max_size, extensions=extensions, exif=args.exif,
+                    white_background=args.white_background)
     log(f" {len(tagger.labels)} tags ({tagger.device}, {tagger.dtype_reason})")
+    if metadata is None and tagger.categories:  # DINOv3 vocabularies may carry e621 categories
+        metadata = TagMetadata(category=dict(tagger.categories), implies={})
+    if not jtp3:
+        _check_metadata_needs(args, metadata, exclude)
     for ext in extensions:
         label = rewrite(ext.label)
         if metadata is not None:
@@ -145,8 +176,19 @@ def load(args: argparse.Namespace) -> tuple[Tagger, TagSettings]:
             log(f"Using tag '{label}' ({ext.category}) from extension '{ext.path}'.")
         else:
             log(f"Ignoring tag '{label}' from uncalibrated extension '{ext.path}'.")
+    mode = args.implications or ("inherit" if jtp3 and metadata else "off")
+    topk = args.topk if args.topk is not None else (DINOV3_TOPK if not jtp3 and args.threshold is None else None)
     labels = [rewrite(t) for t in tagger.labels]
-    return tagger, TagSettings(labels, metadata, rewrite, threshold, mode, exclude)
+    return tagger, TagSettings(labels, metadata, rewrite, threshold, mode, exclude, topk)
+
+
+def _check_metadata_needs(args: argparse.Namespace, metadata: TagMetadata | None, exclude: list[int]) -> None:
+    """Implications need implication data and -x needs categories: say so before any work is done."""
+    if args.implications not in (None, "off") and not (metadata and any(metadata.implies.values())):
+        raise ValueError(f"implications mode '{args.implications}' needs tag metadata with implications "
+                         "(-m PATH); this model has none loaded")
+    if exclude and metadata is None:
+        raise ValueError("category exclusion requires tag metadata (-m PATH, or a vocabulary with categories)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -162,6 +204,11 @@ def main(args: argparse.Namespace) -> int:
     paths = list(iter_images(args.paths, args.recursive))
     if args.output:
         sink = CsvSink(args.output, settings.labels)
+    elif args.format:
+        sink = PrintSink(args.format, settings.rules())
+    elif any(is_url(p) for p in paths):
+        log("error: URLs have no folder to write a caption into; use --format or -o with URL inputs")
+        return 2
     else:
         sink = CaptionSink(settings.rules(), args.prefix, args.shuffle)
     cores = (os.process_cpu_count() if hasattr(os, "process_cpu_count") else os.cpu_count()) or 1

@@ -8,10 +8,12 @@ Ctrl-C leaves neither half-written files nor temporary debris.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TextIO
 
 import numpy as np
 from PIL import Image
@@ -85,7 +87,7 @@ class Summary:
 
 
 class CaptionSink:
-    """Writes one `.txt` caption beside each image."""
+    """Writes one `.txt` caption beside each image (atomically)."""
 
     def __init__(self, rules: TagRules, prefix: str = "", shuffle: bool = False):
         self.rules, self.prefix, self.shuffle = rules, prefix, shuffle
@@ -130,6 +132,48 @@ class CsvSink:
             self._file = None
 
 
+FORMATS = ("pretty", "tags", "json", "jsonl")
+
+
+class PrintSink:
+    """`--format`: each image's tags on stdout, most probable first (the DINOv3 card's CLI formats).
+
+    pretty: a ruled header with the path, then `rank. score bar tag` lines; tags: one line per image, tags
+    joined by ", "; jsonl: one `{"file", "tags": [{"tag", "score"}]}` object per line; json: the same
+    objects as one array, printed when the run ends (indent 2).
+    """
+
+    def __init__(self, fmt: str, rules: TagRules, stream: TextIO | None = None):
+        assert fmt in FORMATS, fmt
+        self.fmt, self.rules, self.stream = fmt, rules, stream or sys.stdout
+        self._items: list[dict] = []
+
+    def needed_tags(self) -> np.ndarray | None:
+        return self.rules.active()
+
+    def write(self, path: str, probs: np.ndarray) -> None:
+        tags = self.rules.classify(probs)
+        ordered = sorted(tags.items(), key=lambda kv: (-kv[1], kv[0]))
+        item = {"file": path, "tags": [{"tag": t, "score": round(p, 4)} for t, p in ordered]}
+        if self.fmt == "json":
+            self._items.append(item)
+            return
+        if self.fmt == "jsonl":
+            text = json.dumps(item, ensure_ascii=False)
+        elif self.fmt == "tags":
+            text = ", ".join(t for t, _ in ordered)
+        else:
+            rule = "-" * 60
+            lines = [f"{i:>3}. {p:.3f} {'█' * int(p * 20):<20} {t}" for i, (t, p) in enumerate(ordered, 1)]
+            text = "\n".join([rule, path, rule, *lines])
+        print(text, file=self.stream, flush=True)
+
+    def close(self, ok: bool) -> None:
+        if self.fmt == "json":
+            json.dump(self._items, self.stream, indent=2, ensure_ascii=False)
+            print(file=self.stream, flush=True)
+
+
 def report(path: str, reason: str, bar: tqdm | None = None) -> None:
     """The one stderr line for a failed input."""
     line = f"'{path}': {reason}"
@@ -140,7 +184,7 @@ def report(path: str, reason: str, bar: tqdm | None = None) -> None:
 
 
 def run_bulk(predict: Callable[[list[dict], np.ndarray | None], np.ndarray], preprocess: Callable,
-             paths: Sequence[str], sink: CaptionSink | CsvSink, *, batch_size: int = 1, workers: int = 0,
+             paths: Sequence[str], sink: CaptionSink | CsvSink | PrintSink, *, batch_size: int = 1, workers: int = 0,
              share_memory: bool = True, progress: bool = True) -> Summary:
     """Tag `paths` and hand each image's probabilities to `sink`.
 

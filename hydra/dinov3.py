@@ -9,8 +9,9 @@ same layout load the same way.
 Two things differ from a plain timm DINOv3 and are reproduced for parity with the published script:
 - RoPE patch coordinates are multiplied by 2 at inference (`ROPE_RESCALE`); timm, Meta and transformers
   only use that factor as a train-time augmentation (spec §3 "Important divergence").
-- Preprocessing: long edge capped at 1024 and each side floored to a multiple of 16, LANCZOS, alpha
-  dropped, no EXIF orientation (spec §4). `DinoV3Preprocess` can fix the last two behind flags.
+- Preprocessing (in `hydra/image.py`, torch-free for loader workers; re-exported here): long edge capped at
+  1024 and each side floored to a multiple of 16, LANCZOS, alpha dropped, no EXIF orientation (spec §4).
+  `DinoV3Preprocess` can fix the last two behind flags.
 
 Shape legend: B = images, H, W = pixel height / width, h, w = patch grid (H/16, W/16),
 R = register tokens, N = tokens (1 + R + h·w), D = embed width, F = features ((1 + R)·D),
@@ -23,17 +24,15 @@ import json
 import os
 import pickle
 import re
-from dataclasses import dataclass
 from itertools import chain
 
-import numpy as np
 import timm
 import torch
-from PIL import Image, ImageOps
 from safetensors import SafetensorError, safe_open
 from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
 from torch import Tensor, nn
 
+from .image import IMAGENET_MEAN, IMAGENET_STD, DinoV3Preprocess, snap_size  # noqa: F401 (re-exported)
 from .vocab import Vocab, load_vocab
 
 TIMM_MODEL = "vit_huge_plus_patch16_dinov3_qkvb"  # the _qkvb variant keeps the trained q / v biases
@@ -41,8 +40,6 @@ PATCH_SIZE = 16
 HEAD_DIM = 64  # attention heads = width / 64 unless the checkpoint metadata says otherwise
 ROPE_RESCALE = 2.0  # the published script's constant RoPE coordinate scale (spec §3)
 METADATA_KEY = "hydra.backbone"  # safetensors metadata: JSON object of timm constructor overrides
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoint reading and key mapping
@@ -456,71 +453,3 @@ def load_dinov3(
     model = build_dinov3(state_dict, len(vocab), metadata=metadata, device=device, dtype=dtype,
                          rope_scale=rope_scale, source=source, vocab_source=os.fspath(vocab_path))
     return model, vocab
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Preprocessing
-
-
-def _floor16(x: int) -> int:
-    return x // PATCH_SIZE * PATCH_SIZE
-
-
-def snap_size(width: int, height: int, max_size: int = 1024) -> tuple[int, int]:
-    """Input size the published script feeds for a `width` × `height` image (spec §4).
-
-    The long edge is capped at `max_size` (never upscaled) and floored to a multiple of 16; the other side
-    is scaled by the same factor, rounded, then floored to a multiple of 16 independently (min 16).
-
-    Returns:
-        (new_width, new_height), both multiples of 16.
-    """
-    long_edge = max(width, height)
-    scale = _floor16(min(long_edge, max_size)) / long_edge
-    # Python's round() (half to even) is what the published script uses
-    return _floor16(max(PATCH_SIZE, round(width * scale))), _floor16(max(PATCH_SIZE, round(height * scale)))
-
-
-def _has_alpha(image: Image.Image) -> bool:
-    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
-
-
-@dataclass(frozen=True)
-class DinoV3Preprocess:
-    """PIL image -> `{"pixels": (3, H, W) float32}`, as the published script (spec §4). Picklable.
-
-    Animated images are seeked back to their first frame (this moves the caller's image to frame 0).
-
-    Attributes:
-        max_size: cap on the long edge in pixels (the published default 1024; the card trained at 512).
-        exif: apply the EXIF orientation first (off in the published script, which ignores it).
-        white_background: composite transparency onto white instead of dropping alpha (the published
-            script's `.convert("RGB")` keeps whatever colour transparent pixels store, often black).
-    """
-
-    max_size: int = 1024
-    exif: bool = False
-    white_background: bool = False
-
-    def __post_init__(self):
-        if not isinstance(self.max_size, int) or self.max_size < PATCH_SIZE:
-            raise ValueError(f"max_size must be an integer >= {PATCH_SIZE}, got {self.max_size!r}")
-
-    def __call__(self, image: Image.Image) -> dict[str, Tensor]:
-        if getattr(image, "is_animated", False) and image.tell() != 0:
-            image.seek(0)  # first frame of animations, like Image.open() + convert() upstream
-        if self.exif:
-            image = ImageOps.exif_transpose(image)
-        if self.white_background and _has_alpha(image):
-            rgba = image.convert("RGBA")
-            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        image = image.convert("RGB")
-        # The published script resizes with torchvision's v2 Resize, which on a PIL image is exactly
-        # Image.resize((w, h), LANCZOS) (tested in tests/test_dinov3.py).
-        image = image.resize(snap_size(*image.size, self.max_size), Image.Resampling.LANCZOS)
-        # x * (1/255) like torchvision's v2 ToDtype(scale=True), so the float32 values match bit for bit
-        pixels = torch.from_numpy(np.array(image)).to(torch.float32).mul_(1.0 / 255)  # (H, W, 3) in [0, 1]
-        pixels = pixels.permute(2, 0, 1).contiguous()  # (3, H, W)
-        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        return {"pixels": pixels.sub_(mean).div_(std)}  # (3, H, W), same op order as torchvision

@@ -1,4 +1,7 @@
-"""JTP-3 image pipeline (spec §2): decode, colour-manage to sRGB, black background, NaFlex resize, patchify.
+"""Image pipelines: decoding, and the two model families' preprocessing.
+
+JTP-3 (spec §2): decode, colour-manage to sRGB, black background, NaFlex resize, patchify.
+DINOv3 tagger (spec dinov3 §4): long edge capped, sides floored to multiples of 16, LANCZOS, ImageNet norm.
 
 Output names follow timm's NaFlex convention from pixels to model (`patches`, `patch_coord`,
 `patch_valid`). A single image is kept *unpadded* as numpy arrays: `patches` (N, 768) uint8 and
@@ -25,6 +28,9 @@ from PIL import Image, ImageCms, ImageOps
 
 PATCH_SIZE = 16
 MIN_SEQLEN, MAX_SEQLEN, DEFAULT_SEQLEN = 64, 2048, 1024
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_MAX_SIZE = 1024  # DINOv3 tagger: long-edge cap of the published script
 
 if TYPE_CHECKING:
     import torch
@@ -43,13 +49,24 @@ class ImageTooLarge(ValueError):
     """The image has more pixels than the configured limit (checked before decoding)."""
 
 
-def open_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int | None = None) -> Image.Image:
+def is_url(source: object) -> bool:
+    return isinstance(source, str) and source.lower().startswith(("http://", "https://"))
+
+
+def open_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int | None = None,
+               exif: bool = True) -> Image.Image:
     """Open and fully decode an image; for animations and multi-page files, the first frame.
 
     Args:
-        source: a path, raw file bytes, or an already opened PIL image.
+        source: a path, an http(s) URL (fetched with a timeout and a size cap), raw file bytes, or an
+            already opened PIL image.
         max_pixels: refuse images with more pixels than this, from the header, before decoding.
+        exif: apply the EXIF orientation (JTP-3 does; the DINOv3 tagger's published script does not).
     """
+    if is_url(source):
+        from .fetch import fetch_url
+
+        source = fetch_url(source)
     if isinstance(source, Image.Image):
         img = source
     else:
@@ -65,10 +82,11 @@ def open_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int 
             raise
         if not isinstance(source, bytes):
             fp.close()
-    try:
-        ImageOps.exif_transpose(img, in_place=True)
-    except Exception:  # corrupt EXIF: the original ignores it, so do we
-        pass
+    if exif:
+        try:
+            ImageOps.exif_transpose(img, in_place=True)
+        except Exception:  # corrupt EXIF: the original ignores it, so do we
+            pass
     return img
 
 
@@ -214,3 +232,75 @@ def unpatchify(values: torch.Tensor, coord: torch.Tensor) -> torch.Tensor:
     grid = values.new_zeros(gh, gw)
     grid[coord[:, 0].long(), coord[:, 1].long()] = values
     return grid
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DINOv3 tagger
+
+
+def _floor16(x: int) -> int:
+    return x // PATCH_SIZE * PATCH_SIZE
+
+
+def snap_size(width: int, height: int, max_size: int = DEFAULT_MAX_SIZE) -> tuple[int, int]:
+    """Input size the published DINOv3 script feeds for a `width` x `height` image (spec dinov3 §4).
+
+    The long edge is capped at `max_size` (never upscaled) and floored to a multiple of 16; the other side
+    is scaled by the same factor, rounded, then floored to a multiple of 16 independently (min 16).
+
+    Returns:
+        (new_width, new_height), both multiples of 16.
+    """
+    long_edge = max(width, height)
+    scale = _floor16(min(long_edge, max_size)) / long_edge
+    # Python's round() (half to even) is what the published script uses
+    return _floor16(max(PATCH_SIZE, round(width * scale))), _floor16(max(PATCH_SIZE, round(height * scale)))
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+@dataclass(frozen=True)
+class DinoV3Preprocess:
+    """Image -> `{"pixels": (3, H, W) float32}` numpy, as the published DINOv3 script (spec dinov3 §4).
+
+    Picklable and torch-free (it runs in loader workers). Animated images use their first frame.
+
+    Attributes:
+        max_size: cap on the long edge in pixels (the published default 1024; the card trained at 512).
+        exif: apply the EXIF orientation first (off in the published script, which ignores it).
+        white_background: composite transparency onto white instead of dropping alpha (the published
+            script's `.convert("RGB")` keeps whatever colour transparent pixels store, often black).
+        max_pixels: refuse images with more pixels than this before decoding (None: no limit).
+    """
+
+    max_size: int = DEFAULT_MAX_SIZE
+    exif: bool = False
+    white_background: bool = False
+    max_pixels: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.max_size, int) or self.max_size < PATCH_SIZE:
+            raise ValueError(f"max_size must be an integer >= {PATCH_SIZE}, got {self.max_size!r}")
+
+    def __call__(self, source: str | os.PathLike | bytes | Image.Image) -> dict[str, np.ndarray]:
+        if isinstance(source, Image.Image):
+            image = source
+            if getattr(image, "is_animated", False) and image.tell() != 0:
+                image.seek(0)  # first frame of animations, like Image.open() + convert() upstream
+            if self.exif:
+                image = ImageOps.exif_transpose(image)
+        else:
+            image = open_image(source, self.max_pixels, exif=self.exif)
+        if self.white_background and _has_alpha(image):
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        image = image.convert("RGB")
+        # The published script resizes with torchvision's v2 Resize, which on a PIL image is exactly
+        # Image.resize((w, h), LANCZOS) (tested in tests/test_dinov3.py).
+        image = image.resize(snap_size(*image.size, self.max_size), Image.Resampling.LANCZOS)
+        # float32 throughout, in torchvision's op order (x * (1/255), - mean, / std): the same bits
+        pixels = np.asarray(image, dtype=np.float32) * np.float32(1.0 / 255)  # (H, W, 3)
+        pixels = (pixels - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+        return {"pixels": np.ascontiguousarray(pixels.transpose(2, 0, 1))}  # (3, H, W)

@@ -86,6 +86,9 @@ def run(tagger, session: TagSettings, stdin: TextIO = sys.stdin, stdout: TextIO 
                     _need_metadata(session, cmd)
                 session.mode = arg
             elif cmd == "seqlen" and arg:
+                if getattr(tagger, "family", "jtp3") != "jtp3":
+                    print("seqlen applies to JTP-3 only (the DINOv3 tagger uses --max-size).", file=stdout)
+                    continue
                 n = int(arg) if arg.isdigit() else 0
                 if not MIN_SEQLEN <= n <= MAX_SEQLEN:
                     print(f"Sequence length must be between {MIN_SEQLEN} and {MAX_SEQLEN}.", file=stdout)

@@ -189,6 +189,7 @@ class TagRules:
     graph: ImplicationGraph | None = None  # None when no metadata is loaded
     mode: str = "off"                      # one of implications.MODES
     excluded: np.ndarray | None = None     # (T,) bool, True = category excluded
+    topk: int | None = None                # keep the k most probable tags instead of thresholding
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -199,6 +200,8 @@ class TagRules:
     def active(self) -> np.ndarray:
         """(T,) bool: tags whose probability can change the output (used to skip work in the model)."""
         can_pass = np.isfinite(self.thresholds) & (self.thresholds <= 1.0)
+        if self.topk is not None:
+            can_pass = np.ones(len(self.labels), dtype=bool)
         if self.excluded is not None:
             can_pass &= ~self.excluded
         if self.graph is None or self.mode in ("off", "remove"):
@@ -219,9 +222,17 @@ class TagRules:
             p = self.graph.inherit(p)
         elif self.mode in ("constrain", "constrain-remove"):
             p = self.graph.constrain(p)
-        keep = p >= self.thresholds
-        if self.excluded is not None:
-            keep &= ~self.excluded
+        if self.topk is None:
+            keep = p >= self.thresholds
+            if self.excluded is not None:
+                keep &= ~self.excluded
+        else:  # the k best among the allowed tags (NaN = not computed)
+            score = np.where(np.isnan(p), -np.inf, p)
+            if self.excluded is not None:
+                score[self.excluded] = -np.inf
+            best = np.argsort(-score, kind="stable")[: self.topk]
+            keep = np.zeros(len(p), dtype=bool)
+            keep[best[np.isfinite(score[best])]] = True
         if self.mode in ("remove", "constrain-remove"):
             keep = self.graph.remove_implied(keep)
         return {self.labels[i]: float(p[i]) for i in np.flatnonzero(keep)}
@@ -229,7 +240,7 @@ class TagRules:
 
 @dataclass
 class TagSettings:
-    """The user's tag settings for a run or an interactive session (`-t`, `-m`, `-i`, `-x`).
+    """The user's tag settings for a run or an interactive session (`-t`, `-m`, `-i`, `-x`, `--topk`).
 
     `rules()` turns them into TagRules; the implication graph is built once (metadata must not change
     after the first call).
@@ -241,6 +252,7 @@ class TagSettings:
     threshold: Threshold
     mode: str
     exclude: list[int] = field(default_factory=list)
+    topk: int | None = None           # `--topk`: the k best tags instead of the threshold
 
     @cached_property
     def graph(self) -> ImplicationGraph | None:
@@ -250,7 +262,8 @@ class TagSettings:
         if self.exclude and self.metadata is None:
             raise ValueError("category exclusion requires tag metadata (-m PATH)")
         excluded = np.isin(category_vector(self.labels, self.metadata), self.exclude) if self.exclude else None
-        return TagRules(self.labels, threshold_vector(self.labels, self.threshold), self.graph, self.mode, excluded)
+        return TagRules(self.labels, threshold_vector(self.labels, self.threshold), self.graph, self.mode, excluded,
+                        self.topk)
 
 
 def format_caption(tags: Mapping[str, float], prefix: str = "", shuffle: bool = False,

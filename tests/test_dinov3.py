@@ -391,7 +391,7 @@ def test_preprocess_matches_torchvision_pipeline(size, max_size):
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
     ])
-    out = DinoV3Preprocess(max_size=max_size)(image)
+    out = {k: torch.from_numpy(v) for k, v in DinoV3Preprocess(max_size=max_size)(image).items()}
     assert set(out) == {"pixels"}
     assert out["pixels"].shape == (3, h, w) and out["pixels"].dtype == torch.float32
     torch.testing.assert_close(out["pixels"], published(image), atol=1e-6, rtol=0)
@@ -414,8 +414,8 @@ def _transparent_red(mode: str) -> Image.Image:
 @pytest.mark.parametrize("mode", ["RGBA", "P"])
 def test_alpha_dropped_by_default_and_white_on_request(mode):
     image = _transparent_red(mode)
-    dropped = DinoV3Preprocess()(image)["pixels"]
-    white = DinoV3Preprocess(white_background=True)(image)["pixels"]
+    dropped = torch.from_numpy(DinoV3Preprocess()(image)["pixels"])
+    white = torch.from_numpy(DinoV3Preprocess(white_background=True)(image)["pixels"])
     torch.testing.assert_close(dropped[:, 5, 20], _normalised((255, 0, 0)))  # published: stored RGB shows
     torch.testing.assert_close(white[:, 5, 20], _normalised((255, 255, 255)))
     torch.testing.assert_close(white[:, 5, 5], _normalised((0, 0, 255)))  # opaque pixels untouched
@@ -437,7 +437,8 @@ def test_animation_uses_first_frame():
     frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
     image = Image.open(buffer)
     image.seek(1)
-    torch.testing.assert_close(DinoV3Preprocess()(image)["pixels"][:, 0, 0], _normalised((255, 0, 0)))
+    torch.testing.assert_close(torch.from_numpy(DinoV3Preprocess()(image)["pixels"][:, 0, 0]),
+                               _normalised((255, 0, 0)))
 
 
 def test_preprocess_is_picklable_and_validates():
