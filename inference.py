@@ -14,13 +14,13 @@ import os
 import signal
 import sys
 
-from hydra import interactive
-from hydra.bulk import FORMATS, CaptionSink, CsvSink, PrintSink, iter_images, run_bulk
+from hydra import distributed, interactive
+from hydra.bulk import EXISTING, FORMATS, CaptionSink, CsvSink, PrintSink, caption_path, iter_images, run_bulk
 from hydra.checkpoint import CheckpointError
 from hydra.common import log
 from hydra.extensions import load_extensions
 from hydra.hub import DownloadError
-from hydra.image import DEFAULT_MAX_SIZE, DEFAULT_SEQLEN, MAX_SEQLEN, MIN_SEQLEN, is_url
+from hydra.image import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIZE, DEFAULT_SEQLEN, MAX_SEQLEN, MIN_SEQLEN, is_url
 from hydra.implications import MODE_HELP, MODES
 from hydra.resources import DEFAULT_CALIBRATION, DEFAULT_METADATA, DEFAULT_MODEL, resolve_metadata, resolve_model
 from hydra.tagger import JTP3, Tagger, detect_family
@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--format", choices=FORMATS,
                    help="Print each image's tags to standard output in this format instead of writing .txt "
                         "captions (json: one array at the end; jsonl: one object per line).")
+    g.add_argument("--existing", choices=EXISTING, default="overwrite",
+                   help="What to do with a .txt caption that already exists: overwrite it (the original's "
+                        "behaviour), skip the image (so rerunning a stopped run finishes it), or append the new "
+                        "tags it lacks. (Default: overwrite)")
     g.add_argument("--shuffle", action="store_true",
                    help="Shuffle the tags of each caption randomly, as the original does. "
                         "(Default: most probable first)")
@@ -104,12 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-w", "--workers", metavar="N_WORKERS", type=int, default=-1,
                    help="Number of dataloader workers. (Default: number of cores; 0 = load in this process)")
     g.add_argument("--no-shm", action="store_true", help="Disable shared memory between workers.")
+    g.add_argument("--max-pixels", metavar="N", type=_pixels, default=DEFAULT_MAX_PIXELS,
+                   help="Refuse images with more pixels than this, before decoding them; suffixes K, M, G "
+                        f"(Default: {DEFAULT_MAX_PIXELS // 2**20}M; 0 = no limit)")
     g.add_argument("-S", "--seqlen", type=_seqlen, default=DEFAULT_SEQLEN,
                    help=f"NaFlex sequence length. (Default: {DEFAULT_SEQLEN}; {MIN_SEQLEN} to {MAX_SEQLEN})")
     g.add_argument("-d", "--device", metavar="TORCH_DEVICE",
                    help="Torch device. (Default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="Compute dtype. (Default: auto = bf16 on GPUs and on CPUs with native bf16, else fp32)")
+    distributed.add_arguments(p)  # --ray and its options (hydra/distributed.py)
     # Added last so the usage line lists flags in the original's order; shown under "options".
     p.add_argument("-r", "--recursive", action="store_true",
                    help="Classify directories recursively. Dotfiles will be ignored.")
@@ -121,6 +129,17 @@ def _positive(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return n
+
+
+def _pixels(text: str) -> int | None:
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:].upper(), 1)
+    try:
+        n = int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a pixel count: {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return n or None
 
 
 def _max_size(text: str) -> int:
@@ -161,7 +180,7 @@ def load(args: argparse.Namespace) -> tuple[Tagger, TagSettings]:
     extensions = load_extensions(args.extension, jtp3 and not args.no_default_extensions)
     log(f"Loading '{model_path}' ...", end="")
     tagger = Tagger(model_path, args.vocab, device=args.device, dtype=args.dtype, seqlen=args.seqlen,
-                    max_size=args.max_size, extensions=extensions, exif=args.exif,
+                    max_size=args.max_size, extensions=extensions, max_pixels=args.max_pixels, exif=args.exif,
                     white_background=args.white_background)
     log(f" {len(tagger.labels)} tags ({tagger.device}, {tagger.dtype_reason})")
     if metadata is None and tagger.categories:  # DINOv3 vocabularies may carry e621 categories
@@ -201,7 +220,14 @@ def main(args: argparse.Namespace) -> int:
         interactive.run(tagger, settings)
         return 0
 
-    paths = list(iter_images(args.paths, args.recursive))
+    scan_errors: list[str] = []
+    paths = list(iter_images(args.paths, args.recursive, scan_errors))
+    skipped = 0
+    if args.existing == "skip" and not (args.output or args.format):
+        todo = [p for p in paths if not os.path.exists(caption_path(p))]
+        skipped, paths = len(paths) - len(todo), todo
+    if args.ray is not None:  # the same run on Ray Data; exits 2 with an install hint when Ray is missing
+        return distributed.run(args, paths, tagger, settings, load, skipped=skipped, failed=len(scan_errors))
     if args.output:
         sink = CsvSink(args.output, settings.labels)
     elif args.format:
@@ -210,11 +236,13 @@ def main(args: argparse.Namespace) -> int:
         log("error: URLs have no folder to write a caption into; use --format or -o with URL inputs")
         return 2
     else:
-        sink = CaptionSink(settings.rules(), args.prefix, args.shuffle)
+        sink = CaptionSink(settings.rules(), args.prefix, args.shuffle, append=args.existing == "append")
     cores = (os.process_cpu_count() if hasattr(os, "process_cpu_count") else os.cpu_count()) or 1
     workers = cores if args.workers < 0 else args.workers
     summary = run_bulk(tagger.predict_samples, tagger.preprocess, paths, sink, batch_size=args.batch,
                        workers=min(workers, len(paths)), share_memory=not args.no_shm)
+    summary.skipped += skipped
+    summary.failed += len(scan_errors)
     log(summary.line())
     return 1 if summary.failed else 0
 
@@ -225,6 +253,8 @@ def _terminate(signum: int, frame: object) -> None:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _terminate)
+    # File names that are not valid UTF-8 reach us as surrogate escapes; print them back as their bytes.
+    sys.stdout.reconfigure(errors="surrogateescape")
     try:
         sys.exit(main(build_parser().parse_args()))
     except KeyboardInterrupt:

@@ -32,26 +32,35 @@ def image_extensions() -> frozenset[str]:
     return frozenset(ext.lower() for ext in Image.registered_extensions()) | {".jxl"}
 
 
-def iter_images(paths: Iterable[str], recursive: bool = False) -> Iterator[str]:
+def iter_images(paths: Iterable[str], recursive: bool = False, errors: list[str] | None = None) -> Iterator[str]:
     """Expand files and folders into image paths.
 
     A file given explicitly is always tried (whatever its name). In folders, entries starting with "." and
     `__pycache__` are skipped, and only files with an image extension are taken (case-insensitive; a PNG
-    named `.jpg` is fine). Sub-folders are entered with `recursive`. Folders are listed in sorted order.
+    named `.jpg` is fine). Sub-folders are entered with `recursive` (each real folder once, so symlink
+    loops end). Folders are listed in sorted order. A folder that cannot be listed is reported on stderr
+    and appended to `errors`.
     """
     exts = image_extensions()
+    seen: set[tuple[int, int]] = set()
     for path in paths:
         if os.path.isdir(path):
-            yield from _scan(path, recursive, exts)
+            yield from _scan(path, recursive, exts, seen, errors)
         else:
             yield path  # missing files are reported by the loader like any unreadable file
 
 
-def _scan(folder: str, recursive: bool, exts: frozenset[str]) -> Iterator[str]:
+def _scan(folder: str, recursive: bool, exts: frozenset[str], seen: set, errors: list[str] | None) -> Iterator[str]:
     try:
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            return
+        seen.add((st.st_dev, st.st_ino))
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as e:
-        print(f"'{folder}': cannot list folder ({e.strerror or e})", file=sys.stderr)
+        report(folder, f"cannot list folder ({e.strerror or e})")
+        if errors is not None:
+            errors.append(folder)
         return
     for entry in entries:
         name = entry.name
@@ -59,11 +68,11 @@ def _scan(folder: str, recursive: bool, exts: frozenset[str]) -> Iterator[str]:
             continue
         if entry.is_dir():
             if recursive:
-                yield from _scan(entry.path, recursive, exts)
+                yield from _scan(entry.path, recursive, exts, seen, errors)
             continue
         suffix = os.path.splitext(name)[1].lower()
         if suffix in exts and suffix not in SKIP_SUFFIXES:
-            yield entry.path
+            yield entry.path  # dangling links and non-regular files too: the loader reports them
 
 
 def caption_path(image_path: str) -> str:
@@ -86,18 +95,61 @@ class Summary:
         return ", ".join(parts) + "."
 
 
-class CaptionSink:
-    """Writes one `.txt` caption beside each image (atomically)."""
+EXISTING = ("overwrite", "skip", "append")
 
-    def __init__(self, rules: TagRules, prefix: str = "", shuffle: bool = False):
-        self.rules, self.prefix, self.shuffle = rules, prefix, shuffle
+
+def read_caption(path: str) -> str:
+    """An existing caption, whatever its encoding: UTF-8 (with or without BOM), else Windows-1252, else
+    Latin-1 (which accepts any bytes), so an old caption never stops a run."""
+    data = open(path, "rb").read()
+    for encoding in ("utf-8-sig", "cp1252"):
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError:
+            pass
+    return data.decode("latin-1")
+
+
+def merge_captions(existing: str, new: str, prefix: str = "") -> str:
+    """`--existing append`: the existing caption, then the new tags it does not have yet.
+
+    Tags compare ignoring case, spacing, underscores vs spaces and prompt escapes, so `male_feral`,
+    `Male Feral` and `male feral` are one tag. A prefix missing from the old caption goes first.
+    """
+    def key(tag: str) -> str:
+        return " ".join(tag.replace("\\", "").replace("_", " ").lower().split())
+
+    old = [t.strip() for t in existing.split(",") if t.strip()]
+    seen = {key(t) for t in old}
+    words = list(old)
+    for tag in (t.strip() for t in new.split(", ") if t.strip()):
+        if key(tag) not in seen:
+            seen.add(key(tag))
+            words.append(tag)
+    if prefix and words and words[0] != prefix and prefix in words:
+        words.remove(prefix)
+        words.insert(0, prefix)
+    return ", ".join(words)
+
+
+class CaptionSink:
+    """Writes one `.txt` caption beside each image (atomically, UTF-8, no trailing newline).
+
+    With `append`, an existing caption is kept and only new tags are added to it (`--existing append`).
+    """
+
+    def __init__(self, rules: TagRules, prefix: str = "", shuffle: bool = False, append: bool = False):
+        self.rules, self.prefix, self.shuffle, self.append = rules, prefix, shuffle, append
 
     def needed_tags(self) -> np.ndarray | None:
         return self.rules.active()
 
     def write(self, path: str, probs: np.ndarray) -> None:
         caption = format_caption(self.rules.classify(probs), self.prefix, self.shuffle)
-        with atomic_write(caption_path(path), "w", encoding="utf-8", newline="") as f:
+        target = caption_path(path)
+        if self.append and os.path.exists(target):
+            caption = merge_captions(read_caption(target), caption, self.prefix)
+        with atomic_write(target, "w", encoding="utf-8", newline="") as f:
             f.write(caption)
 
     def close(self, ok: bool) -> None:
@@ -112,7 +164,9 @@ class CsvSink:
     """
 
     def __init__(self, target: str, labels: Sequence[str]):
-        self._file = None if target == "-" else AtomicFile(target, "w", encoding="utf-8", newline="")
+        # surrogateescape: a file name that is not valid UTF-8 is written back as its original bytes
+        self._file = None if target == "-" else AtomicFile(target, "w", encoding="utf-8", newline="",
+                                                             errors="surrogateescape")
         self._out = sys.stdout if self._file is None else self._file.file
         self._csv = csv.writer(self._out)
         if self._file is not None:

@@ -79,11 +79,12 @@ class AtomicFile:
     """
 
     def __init__(self, path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8",
-                 newline: str | None = None):
+                 newline: str | None = None, errors: str | None = None):
         self.path = Path(path)
         fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         binary = "b" in mode
-        self.file = os.fdopen(fd, mode, encoding=None if binary else encoding, newline=None if binary else newline)
+        self.file = os.fdopen(fd, mode, encoding=None if binary else encoding, newline=None if binary else newline,
+                              errors=None if binary else errors)
 
     def commit(self) -> None:
         self.file.close()

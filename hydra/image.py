@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -31,6 +32,11 @@ MIN_SEQLEN, MAX_SEQLEN, DEFAULT_SEQLEN = 64, 2048, 1024
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MAX_SIZE = 1024  # DINOv3 tagger: long-edge cap of the published script
+# Pillow's decompression-bomb guard (~179 Mpx) would refuse legitimate huge art (e621 has images above 100 Mpx);
+# the original switched it off entirely. We switch Pillow's off and apply our own limit from the header, before
+# decoding: 256 Mpx is 1 GiB as RGBA, so one decode (and a worker per core) stays comfortably in memory.
+DEFAULT_MAX_PIXELS = 256 * 1024 * 1024
+Image.MAX_IMAGE_PIXELS = None
 
 if TYPE_CHECKING:
     import torch
@@ -70,12 +76,14 @@ def open_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int 
     if isinstance(source, Image.Image):
         img = source
     else:
+        if not isinstance(source, bytes) and not stat.S_ISREG(os.stat(source).st_mode):
+            raise OSError("not a regular file")  # a FIFO or device would block or never end
         fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb", buffering=1 << 20)
         try:
             img = Image.open(fp)
             if max_pixels and img.width * img.height > max_pixels:
-                raise ImageTooLarge(f"image is {img.width}x{img.height} = {img.width * img.height / 1e6:.0f} "
-                                    f"megapixels, over the --max-pixels limit of {max_pixels / 1e6:.0f}")
+                raise ImageTooLarge(f"image is {img.width}x{img.height} ({img.width * img.height / 1e6:,.0f} "
+                                    f"megapixels), over the limit of {max_pixels / 1e6:,.0f} (--max-pixels)")
             img.load()
         except BaseException:
             fp.close()

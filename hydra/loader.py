@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import multiprocessing as mp
 import os
+import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing import resource_tracker, shared_memory
@@ -38,18 +39,24 @@ def describe_error(e: BaseException) -> str:
         return text
     if isinstance(e, FileNotFoundError):
         return "file not found (or a dangling link)"
+    if type(e).__name__ == "ImageTooLarge":
+        return text
     if isinstance(e, PermissionError):
         return "permission denied"
     if isinstance(e, IsADirectoryError):
         return "is a directory"
     if type(e).__name__ == "UnidentifiedImageError":
         return "not an image Pillow can read (unknown or damaged format)"
+    if isinstance(e, OSError) and "truncated" in text:
+        return "the image file is truncated"
     if type(e).__name__ == "DecompressionBombError":
         return f"refused as a possible decompression bomb ({text})"
     return f"{text} ({type(e).__name__})" if text else type(e).__name__
 
 
 def _worker(conn: Connection, fn: Callable[[Any], dict], share_memory: bool) -> None:
+    # Ctrl-C reaches the whole process group; the parent decides how to stop, workers just get told.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:
         try:
             item = conn.recv()
@@ -83,6 +90,14 @@ class _Shared:
         finally:
             shm.close()
             shm.unlink()
+
+    def free(self) -> None:
+        try:
+            shm = shared_memory.SharedMemory(name=self.name)
+        except FileNotFoundError:
+            return
+        shm.close()
+        shm.unlink()
 
 
 def _to_shm(arr: np.ndarray) -> _Shared:
@@ -130,6 +145,15 @@ class _Slot:
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join(timeout=2)
+        # Results nobody will read (the run was interrupted): free their shared memory blocks.
+        try:
+            while self.conn.poll():
+                _, out = self.conn.recv()
+                for v in out.values() if isinstance(out, dict) else ():
+                    if isinstance(v, _Shared):
+                        v.free()
+        except (EOFError, OSError):
+            pass
         self.conn.close()
 
 

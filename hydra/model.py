@@ -100,6 +100,9 @@ def load_jtp3(path: str | os.PathLike = DEFAULT_MODEL, device: str | torch.devic
     if len(labels) != head_cfg.n_tags:
         raise CheckpointError(f"{path}: metadata {KEY_LABELS} lists {len(labels)} tags but the head has "
                               f"{head_cfg.n_tags}")
+    if len(set(labels)) != len(labels) or not all(labels):
+        dupes = sorted({t for t in labels if labels.count(t) > 1}) if len(set(labels)) != len(labels) else []
+        raise CheckpointError(f"{path}: metadata {KEY_LABELS} has empty or repeated tags {dupes[:5]}")
 
     try:
         net = create_backbone(parse_backbone_overrides(path, meta), device="meta", dtype=dtype)

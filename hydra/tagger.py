@@ -30,7 +30,7 @@ from PIL import Image
 from .checkpoint import KEY_ARCHITECTURE, CheckpointError, read_metadata
 from .common import choose_dtype, default_device, log
 from .extensions import Extension
-from .image import DEFAULT_MAX_SIZE, DEFAULT_SEQLEN, DinoV3Preprocess, JTP3Preprocess, collate
+from .image import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIZE, DEFAULT_SEQLEN, DinoV3Preprocess, JTP3Preprocess, collate
 from .resources import DEFAULT_MODEL
 
 ImageSource = str | os.PathLike | bytes | Image.Image
@@ -74,14 +74,14 @@ class Tagger:
         seqlen: JTP-3 NaFlex sequence length (64..2048).
         max_size: DINOv3 long-edge cap in pixels (the published default 1024).
         extensions: JTP-3 extensions to merge (see `hydra.extensions.load_extensions`).
-        max_pixels: refuse images above this many pixels before decoding (None: no limit).
+        max_pixels: refuse images above this many pixels before decoding (default 256 Mpx; None: no limit).
         exif, white_background: DINOv3 preprocessing fixes, off by default for parity with its script.
     """
 
     def __init__(self, checkpoint_path: str | os.PathLike = DEFAULT_MODEL, vocab_path: str | os.PathLike | None = None,
                  *, device: str | None = None, dtype: str | None = None, seqlen: int = DEFAULT_SEQLEN,
                  max_size: int = DEFAULT_MAX_SIZE, extensions: Sequence[Extension] | None = None,
-                 max_pixels: int | None = None, exif: bool = False, white_background: bool = False):
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, exif: bool = False, white_background: bool = False):
         self.device = torch.device(device or default_device())
         self.dtype, self.dtype_reason = choose_dtype(self.device, dtype)
         self.family = detect_family(checkpoint_path, vocab_path)
