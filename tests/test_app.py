@@ -1,0 +1,531 @@
+"""app.py and hydra/webui.py: the web UI's logic in-process, then the real server over HTTP.
+
+In-process (`WebTagger` loaded by `app.make_web`, as `python app.py` does): the UI and the CLI give the
+same tags, calibrations compare probabilities with per-tag thresholds, control changes re-filter without
+running the model, CAM, batch zips, and clear errors for bad files. Then `app.py` runs as a subprocess
+on a free local port (default host 127.0.0.1, a calibration.csv in its folder, an extension) and is
+driven with `gradio_client` and the JSON API: results, 4xx errors, URL fetching from a local server,
+concurrent requests, and the server surviving bad requests. Tiny fixture model; no internet.
+
+Run: venv/bin/python -m pytest tests/test_app.py -q   (about 1 minute on 2 CPU cores)
+"""
+
+from __future__ import annotations
+
+import csv
+import http.server
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image, ImageDraw
+
+import app
+from hydra.fixtures import write_extension, write_model
+from hydra.tags import TagSettings, format_caption, from_symmetric, load_calibration
+
+ROOT = Path(__file__).resolve().parent.parent
+TAGS_CSV = ROOT / "data" / "jtp-3-hydra-tags.csv"
+# Real tags (safe for a screenshot), with implication chains (red_fox -> true_fox -> fox -> canine -> canid
+# -> mammal) and several categories (species, character, copyright, meta).
+FIXTURE_TAGS = sorted([
+    "4_toes", "ambiguous_gender", "black_nose", "canid", "canine", "cloud", "day", "detailed",
+    "detailed_background", "digital_media_(artwork)", "dipstick_tail", "english_text", "explicit", "feet",
+    "feral", "flower", "fluffy", "fluffy_tail", "fox", "fur", "grass", "green_eyes", "judy_hopps", "lagomorph",
+    "landscape", "looking_at_viewer", "mammal", "mountain", "multicolored_tail", "nature", "nick_wilde",
+    "open_mouth", "orange_body", "orange_fur", "outside", "paws", "plant", "quadruped", "questionable",
+    "red_fox", "safe", "signature", "simple_background", "sky", "smile", "snout", "solo", "standing", "sun",
+    "tail", "tail_markings", "teeth", "text", "toes", "tongue", "tree", "true_fox", "water", "whiskers",
+    "white_background", "white_body", "yellow_eyes", "zootopia",
+])
+EXTENSION_TAG = "glowing_tail"
+
+
+def cartoon(width: int = 640, height: int = 480) -> Image.Image:
+    """A deterministic cartoon: a fox on a hill under a sunny sky, with a tree (for tests and the README)."""
+    w, h = width, height
+    img = Image.new("RGB", (w, h))
+    d = ImageDraw.Draw(img)
+    for y in range(h):  # sky gradient
+        t = y / h
+        d.line([(0, y), (w, y)], fill=(int(80 + 120 * t), int(150 + 80 * t), int(230 + 20 * t)))
+    d.ellipse((0.78 * w, 0.06 * h, 0.92 * w, 0.06 * h + 0.14 * w), fill=(255, 214, 64))
+    for cx, cy, rx, ry in ((0.25, 0.55, 0.2, 0.06), (0.6, 0.3, 0.14, 0.045)):
+        d.ellipse(((cx - rx) * w, (cy - ry) * h, (cx + rx) * w, (cy + ry) * h), fill=(245, 248, 255))
+    d.ellipse((-0.3 * w, 0.62 * h, 0.8 * w, 1.6 * h), fill=(98, 178, 82))
+    d.ellipse((0.35 * w, 0.7 * h, 1.4 * w, 1.7 * h), fill=(76, 152, 70))
+    d.rectangle((0.12 * w, 0.42 * h, 0.16 * w, 0.72 * h), fill=(110, 72, 40))
+    d.ellipse((0.03 * w, 0.22 * h, 0.25 * w, 0.52 * h), fill=(46, 120, 58))
+    # the fox: tail, body, head, ears, muzzle, eyes, nose
+    orange, white, dark = (230, 120, 40), (250, 245, 235), (30, 24, 20)
+    d.ellipse((0.36 * w, 0.58 * h, 0.56 * w, 0.72 * h), fill=orange)
+    d.ellipse((0.35 * w, 0.58 * h, 0.41 * w, 0.66 * h), fill=white)
+    d.ellipse((0.48 * w, 0.55 * h, 0.72 * w, 0.8 * h), fill=orange)
+    d.ellipse((0.52 * w, 0.66 * h, 0.66 * w, 0.8 * h), fill=white)
+    d.polygon([(0.56 * w, 0.33 * h), (0.59 * w, 0.18 * h), (0.63 * w, 0.33 * h)], fill=orange)
+    d.polygon([(0.67 * w, 0.33 * h), (0.71 * w, 0.18 * h), (0.74 * w, 0.33 * h)], fill=orange)
+    d.ellipse((0.54 * w, 0.27 * h, 0.76 * w, 0.57 * h), fill=orange)
+    d.polygon([(0.57 * w, 0.45 * h), (0.73 * w, 0.45 * h), (0.65 * w, 0.58 * h)], fill=white)
+    for ex in (0.6, 0.7):
+        d.ellipse(((ex - 0.015) * w, 0.37 * h, (ex + 0.015) * w, 0.41 * h), fill=dark)
+    d.ellipse((0.635 * w, 0.53 * h, 0.665 * w, 0.57 * h), fill=dark)
+    return img
+
+
+def png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def make_fixture(folder: Path) -> dict[str, Path]:
+    """Model, extension, images and calibration files for a server running in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "model": Path(write_model(folder / "model.safetensors", FIXTURE_TAGS, seed=7)),
+        "extension": Path(write_extension(folder / "ext" / f"{EXTENSION_TAG}.safetensors", EXTENSION_TAG,
+                                          implies=["tail"], seed=2)),
+        "image": folder / "fox.png", "other": folder / "other.jpg", "corrupt": folder / "corrupt.png",
+        "calibration": folder / "calibration.csv", "bad_calibration": folder / "bad.csv",
+    }
+    cartoon().save(files["image"])
+    cartoon(300, 420).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(files["other"], quality=90)
+    files["corrupt"].write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0garbage" * 50)
+    # thresholds for a handful of tags only: every other tag must never pass
+    rows = ["tag,threshold,cti", "canine,0.2,0.5", "fox,0.1,0.5", "sky,0.05,0.5", "tail,0.3,0.5",
+            "safe,0.5,0.5", "zootopia,,0.5"]
+    files["calibration"].write_text("\n".join(rows) + "\n", encoding="utf-8")
+    files["bad_calibration"].write_text("tag,threshold\ncanine,1.5\n", encoding="utf-8")
+    return files
+
+
+def server_args(files: dict[str, Path], *extra: str) -> list[str]:
+    return ["-M", str(files["model"]), "-m", str(TAGS_CSV), "-E", "-e", str(files["extension"].parent),
+            "--dtype", "fp32", *extra]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(folder: Path, args: list[str], timeout: float = 240) -> tuple[subprocess.Popen, str]:
+    """Run `python app.py` in `folder` on a free port; returns (process, base URL) once it answers."""
+    port = free_port()
+    log = open(folder / "server.log", "w")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), *args], cwd=folder,
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app.py exited with {proc.returncode}:\n{(folder / 'server.log').read_text()}")
+        try:
+            if requests.get(url + "/api/health", timeout=2).status_code == 200:
+                return proc, url
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    stop_server(proc)
+    raise RuntimeError(f"app.py did not answer within {timeout} s:\n{(folder / 'server.log').read_text()}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# -- in-process: the WebTagger behind the UI ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fixture_files(tmp_path_factory) -> dict[str, Path]:
+    return make_fixture(tmp_path_factory.mktemp("webui"))
+
+
+@pytest.fixture(scope="module")
+def web(fixture_files):
+    folder = fixture_files["model"].parent
+    old = os.getcwd()
+    os.chdir(folder)  # calibration.csv is looked up in the current folder, as by the CLI
+    try:
+        args = app.build_parser().parse_args(server_args(fixture_files, "--max-upload-mb", "1"))
+        web = app.make_web(args)
+    finally:
+        os.chdir(old)
+    yield web
+    web.close()
+
+
+def test_parser_defaults_bind_localhost():
+    args = app.build_parser().parse_args([])
+    assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)
+    assert args.model is None and args.extension == [] and not args.no_default_extensions
+    with pytest.raises(SystemExit):
+        app.build_parser().parse_args(["--help"])
+
+
+def test_loads_like_the_cli(web, fixture_files):
+    assert web.labels == [*FIXTURE_TAGS, EXTENSION_TAG]
+    assert web.default_calibration == load_calibration(fixture_files["calibration"])
+    assert web.settings.mode == "inherit"
+    assert [e.label for e in web.tagger.model.extensions] == [EXTENSION_TAG]
+
+
+def test_ui_tags_equal_cli_tags(web, fixture_files):
+    data = fixture_files["image"].read_bytes()
+    key = web.add_image(data, "fox.png")
+    probs = web.probabilities(key, 1024)
+    cli_probs = web.tagger.predict_samples([web.tagger.preprocess(str(fixture_files["image"]))])[0]
+    np.testing.assert_array_equal(probs, cli_probs)
+    for threshold in (-0.5, 0.0, 0.3):
+        cli = TagSettings(web.labels, web.settings.metadata, web.settings.rewrite, from_symmetric(threshold),
+                          "inherit", [7]).rules()  # what `inference.py -t T -x meta` applies
+        ui = web.classify(probs, web.rules(threshold, mode="inherit", exclude=["meta"]))
+        assert dict(ui) == cli.classify(probs)
+        assert [p for _, p in ui] == sorted((p for _, p in ui), reverse=True)
+        assert not any(web.category_name(t) == "meta" for t, _ in ui)
+
+
+def test_calibration_compares_probabilities_per_tag(web, fixture_files):
+    key = web.add_image(fixture_files["image"].read_bytes(), "fox.png")
+    probs = web.probabilities(key, 1024)
+    cal = web.default_calibration
+    tags = dict(web.classify(probs, web.rules(source=app_source("default"), mode="off")))
+    expected = {t for t, thr in cal.items() if probs[web.position[t]] >= thr}
+    assert set(tags) == expected  # p >= threshold (not 2p - 1), and uncalibrated tags never pass
+    assert set(tags) <= set(cal)
+    uploaded = web.load_calibration(str(fixture_files["calibration"]))
+    assert dict(web.classify(probs, web.rules(source=app_source("upload"), calibration=uploaded, mode="off"))) == tags
+
+
+def app_source(kind: str) -> str:
+    from hydra import webui
+
+    return {"slider": webui.SOURCE_SLIDER, "default": webui.SOURCE_DEFAULT, "upload": webui.SOURCE_UPLOAD}[kind]
+
+
+def test_control_changes_reuse_the_cached_probabilities(web, fixture_files):
+    data = fixture_files["other"].read_bytes()
+    key = web.add_image(data, "other.jpg")
+    calls = web.model_calls
+    first = web.probabilities(key, 1024)
+    assert web.model_calls == calls + 1
+    for threshold, mode, exclude in ((0.9, "off", []), (-1.0, "constrain", ["species"]), (0.1, "remove", [])):
+        web.classify(web.probabilities(key, 1024), web.rules(threshold, mode=mode, exclude=exclude))
+    assert web.add_image(data, "again.jpg") == key
+    np.testing.assert_array_equal(web.probabilities(key, 1024), first)
+    assert web.model_calls == calls + 1  # re-filtering never ran the model again
+    web.probabilities(key, 256)  # a new sequence length does
+    assert web.model_calls == calls + 2
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"threshold": 1.5}, "between -1 and 1"), ({"threshold": "abc"}, "between -1 and 1"),
+    ({"mode": "sideways"}, "Unknown implications mode"), ({"exclude": ["nope"]}, "Unknown category"),
+    ({"source": "somewhere"}, "Unknown threshold source"), ({"source": "Uploaded calibration"}, "Upload a calibration"),
+])
+def test_rules_reject_bad_settings(web, bad, message):
+    from hydra.webui import UserError
+
+    with pytest.raises(UserError, match=message):
+        web.rules(**bad)
+
+
+def test_bad_inputs_give_clear_errors(web, fixture_files, tmp_path):
+    from hydra.webui import UserError
+
+    with pytest.raises(UserError, match="Not a usable image"):
+        web.add_image(fixture_files["corrupt"].read_bytes(), "corrupt.png")
+    with pytest.raises(UserError, match="No image"):
+        web.read_file(None)
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"\0" * (2 * 2**20))
+    with pytest.raises(UserError, match="over the 1 MiB limit") as e:
+        web.read_file(str(big))
+    assert e.value.status == 413
+    with pytest.raises(UserError, match="Could not fetch the URL: only http"):
+        web.fetch("file:///etc/passwd")
+    with pytest.raises(UserError, match=r"Wrong calibration file: bad.csv: line 2: 'threshold' must be between"):
+        web.load_calibration(str(fixture_files["bad_calibration"]))
+    binary = tmp_path / "cal.csv"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(UserError, match="Wrong calibration file"):
+        web.load_calibration(str(binary))
+    with pytest.raises(UserError, match="left the server's cache"):
+        web.entry("0" * 64)
+
+
+def test_cam_overlay_on_the_display_image(web, fixture_files):
+    key = web.add_image(fixture_files["image"].read_bytes(), "fox.png")
+    plain = web.cam(key, 1024, "(none)", 1)
+    assert plain.size == (640, 480)
+    over = web.cam(key, 1024, "red fox", 2)  # display spelling (spaces) is accepted, as in the dropdown
+    assert over.size == plain.size
+    assert np.abs(np.asarray(over, float) - np.asarray(plain, float)).mean() > 5
+    from hydra.webui import UserError
+
+    with pytest.raises(UserError, match="Unknown tag"):
+        web.cam(key, 1024, "no such tag", 1)
+
+
+def test_batch_zip_and_csv(web, fixture_files, tmp_path):
+    zpath = tmp_path / "set.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        zf.writestr("sub/fox.png", fixture_files["image"].read_bytes())
+        zf.writestr("../escape.jpg", fixture_files["other"].read_bytes())
+        zf.writestr("broken.png", fixture_files["corrupt"].read_bytes())
+        zf.writestr("notes.txt", "not an image")
+        zf.writestr("__MACOSX/._fox.png", b"resource fork")
+    loose = tmp_path / "fox.png"
+    loose.write_bytes(fixture_files["image"].read_bytes())
+    rules = web.rules(0.0, mode="inherit")
+    seen = []
+    zip_path, csv_path, summary = web.batch([str(loose), str(zpath)], rules, 1024, lambda d, n: seen.append((d, n)))
+    assert summary.startswith("Tagged 3 images, 1 failed.") and "broken.png" in summary
+    assert seen[-1] == (4, 4)
+    with zipfile.ZipFile(zip_path) as zf:
+        names = sorted(zf.namelist())
+        assert names == ["escape.txt", "fox.txt", "sub/fox.txt"]
+        expected = format_caption(rules.classify(web.probabilities(web.add_image(loose.read_bytes(), "f"), 1024)))
+        assert zf.read("fox.txt").decode() == zf.read("sub/fox.txt").decode() == expected
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["filename", *web.labels] and len(rows) == 4
+    assert {r[0] for r in rows[1:]} == {"fox.png", "sub/fox.png", "escape.jpg"}
+
+
+def test_batch_limits(web, fixture_files, tmp_path):
+    from hydra.webui import Limits, UserError, WebTagger
+
+    small = WebTagger(web.tagger, web.settings, Limits(2**20, 10**8, 5.0, batch_max_files=2, batch_max_bytes=2**30))
+    try:
+        paths = [str(fixture_files["image"])] * 3
+        with pytest.raises(UserError, match="at most 2"):
+            small.batch(paths, small.rules(), 1024)
+        with pytest.raises(UserError, match="No images"):
+            small.batch([], small.rules(), 1024)
+    finally:
+        small.close()
+
+
+# -- the real server ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("server")
+    files = make_fixture(folder)
+    proc, url = start_server(folder, server_args(files, "--max-upload-mb", "1"))
+    yield url, files, folder
+    stop_server(proc)
+    log = (folder / "server.log").read_text()
+    assert "Traceback" not in log, log
+
+
+@pytest.fixture(scope="module")
+def image_server(server):
+    """A local web server for URL inputs (the app fetches from it)."""
+    _, files, _ = server
+    data = files["image"].read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # noqa: N802
+            if self.path == "/fox.png":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            elif self.path == "/to-file":
+                self.send_response(302)
+                self.send_header("Location", "file:///etc/passwd")
+                self.end_headers()
+            else:
+                self.send_error(404)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def api_tag(base: str, image: bytes | None = None, **fields) -> requests.Response:
+    if image is None:
+        return requests.post(base + "/api/tag", json=fields, timeout=60)
+    return requests.post(base + "/api/tag", files={"image": ("x.png", image)}, data=fields, timeout=60)
+
+
+def test_health_reports_model_and_tags(server):
+    url, _, folder = server
+    health = requests.get(url + "/api/health", timeout=10).json()
+    assert health["status"] == "ok" and health["tags"] == len(FIXTURE_TAGS) + 1
+    assert health["model"] == "model.safetensors" and health["extensions"] == [EXTENSION_TAG]
+    assert health["calibration"] is True
+    assert "Serving the web UI on http://127.0.0.1:" in (folder / "server.log").read_text()
+
+
+def test_api_tag_multipart(server):
+    url, files, _ = server
+    image = files["image"].read_bytes()
+    low = api_tag(url, image, threshold="-0.5", implications="inherit")
+    assert low.status_code == 200, low.text
+    body = low.json()
+    probs = [t["probability"] for t in body["tags"]]
+    assert probs == sorted(probs, reverse=True) and min(probs) >= from_symmetric(-0.5)
+    assert all(set(t) == {"tag", "probability", "category"} for t in body["tags"])
+    cats = {t["tag"]: t["category"] for t in body["tags"]}
+    assert cats.get("fox", "species") == "species" and cats.get(EXTENSION_TAG, "general") == "general"
+    assert body["caption"] == format_caption({t["tag"]: t["probability"] for t in body["tags"]})
+    high = api_tag(url, image, threshold="0.5").json()
+    assert {t["tag"] for t in high["tags"]} <= {t["tag"] for t in body["tags"]}
+    no_species = api_tag(url, image, threshold="-0.5", exclude="species,meta").json()
+    assert no_species["tags"] and all(t["category"] not in ("species", "meta") for t in no_species["tags"])
+
+
+def test_api_default_uses_calibration_csv(server):
+    url, files, _ = server
+    body = api_tag(url, files["image"].read_bytes()).json()
+    calibrated = set(load_calibration(files["calibration"]))
+    assert {t["tag"] for t in body["tags"]} <= calibrated
+
+
+def test_api_url_fetch(server, image_server):
+    url, files, _ = server
+    by_url = api_tag(url, url=image_server + "/fox.png", threshold=0.0)
+    assert by_url.status_code == 200, by_url.text
+    assert by_url.json() == api_tag(url, files["image"].read_bytes(), threshold="0").json()
+    for bad in (image_server + "/to-file", "file:///etc/passwd", image_server + "/missing.png", "not a url"):
+        r = api_tag(url, url=bad)
+        assert r.status_code == 400 and r.json()["error"].startswith("Could not fetch the URL"), (bad, r.text)
+
+
+def test_api_errors_are_4xx_json_and_the_server_keeps_serving(server):
+    url, files, _ = server
+    image = files["image"].read_bytes()
+    cases = [
+        (api_tag(url, files["corrupt"].read_bytes()), 400, "Not a usable image"),
+        (api_tag(url, b"\0" * (2 * 2**20)), 413, "limit"),
+        (api_tag(url, image, threshold="2"), 400, "between -1 and 1"),
+        (api_tag(url, image, implications="sideways"), 400, "implications mode"),
+        (api_tag(url, image, exclude="nope"), 400, "Unknown category"),
+        (api_tag(url), 400, "Send an 'image' file"),
+        (requests.post(url + "/api/tag", data=b"hello", headers={"Content-Type": "text/plain"}), 415, "multipart"),
+        (requests.post(url + "/api/tag", data=b"{", headers={"Content-Type": "application/json"}), 400, "JSON"),
+        (requests.post(url + "/api/tag", data=b"--x\r\ngarbage",
+                       headers={"Content-Type": "multipart/form-data; boundary=x"}), 400, "Send an 'image'"),
+    ]
+    for response, status, text in cases:
+        assert response.status_code == status, response.text
+        assert text in response.json()["error"]
+    assert api_tag(url, image).status_code == 200
+
+
+def test_concurrent_requests_agree(server):
+    url, files, _ = server
+    images = [files["image"].read_bytes(), files["other"].read_bytes()] * 4
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda b: api_tag(url, b, threshold="-0.2"), images))
+    assert all(r.status_code == 200 for r in results)
+    assert all(r.json() == results[i % 2].json() for i, r in enumerate(results))
+    assert results[0].json() != results[1].json()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server[0], verbose=False)
+
+
+def test_gradio_client_tags_like_the_json_api(client, server):
+    from gradio_client import handle_file
+
+    url, files, _ = server
+    out = client.predict(handle_file(str(files["image"])), 0.1, "Threshold slider", "inherit", [], 1024, "(none)", 1,
+                         api_name="/tag_image")
+    shown, caption, label, groups, download, status = out
+    assert Image.open(shown).size == (640, 480)
+    assert caption == api_tag(url, files["image"].read_bytes(), threshold="0.1").json()["caption"]
+    assert Path(download).read_text(encoding="utf-8") == caption and Path(download).name == "fox.txt"
+    assert "<h4>species" in groups and "tags pass" in status
+    top = [c["label"] for c in label["confidences"]]
+    assert len(top) == len(caption.split(", ")) and all("_" not in t for t in top)
+
+    calls = requests.get(url + "/api/health", timeout=10).json()["model_calls"]
+    stricter = client.predict(0.6, "Threshold slider", "off", ["species"], 1024, api_name="/refilter")
+    assert len(stricter[0]) < len(caption)
+    assert requests.get(url + "/api/health", timeout=10).json()["model_calls"] == calls  # re-filter only
+
+    overlay = client.predict(1024, "red fox", 2, api_name="/cam")
+    assert Image.open(overlay).size == (640, 480)
+
+
+def test_gradio_client_calibration_upload(client, server):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    _, files, _ = server
+    client.predict(handle_file(str(files["image"])), 0.3, "Threshold slider", "off", [], 1024, "(none)", 1,
+                   api_name="/tag_image")
+    with pytest.raises(AppError, match="Wrong calibration file"):
+        client.predict(handle_file(str(files["bad_calibration"])), 0.3, "Threshold slider", "off", [], 1024,
+                       api_name="/calibration")
+    source, caption, *_ = client.predict(handle_file(str(files["calibration"])), 0.3, "Threshold slider", "off", [],
+                                         1024, api_name="/calibration")
+    assert source == "Uploaded calibration"
+    assert set(filter(None, caption.split(", "))) <= {"canine", "fox", "sky", "tail", "safe"}
+
+
+def test_gradio_client_url(client, server, image_server):
+    url, files, _ = server
+    shown, caption, *_ = client.predict(image_server + "/fox.png", 0.2, "Threshold slider", "inherit", [], 1024,
+                                        "(none)", 1, api_name="/tag_url")
+    assert Image.open(shown).size == (640, 480)
+    assert caption == api_tag(url, files["image"].read_bytes(), threshold="0.2").json()["caption"]
+
+
+def test_gradio_client_bad_uploads_are_messages(client, server):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    _, files, _ = server
+    with pytest.raises(AppError, match="Not a usable image"):
+        client.predict(handle_file(str(files["corrupt"])), 0.3, "Threshold slider", "off", [], 1024, "(none)", 1,
+                       api_name="/tag_image")
+    with pytest.raises(AppError, match="only http"):
+        client.predict("ftp://example.com/a.png", 0.3, "Threshold slider", "off", [], 1024, "(none)", 1,
+                       api_name="/tag_url")
+
+
+def test_gradio_client_batch(client, server, tmp_path):
+    from gradio_client import handle_file
+
+    _, files, _ = server
+    zpath = tmp_path / "two.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        zf.write(files["image"], "a/fox.png")
+        zf.write(files["other"], "b/other.jpg")
+    zip_out, csv_out, summary = client.predict([handle_file(str(zpath)), handle_file(str(files["corrupt"]))], 0.0,
+                                               "Threshold slider", "inherit", [], 1024, api_name="/batch")
+    assert summary.startswith("Tagged 2 images, 1 failed.")
+    with zipfile.ZipFile(zip_out) as zf:
+        assert sorted(zf.namelist()) == ["a/fox.txt", "b/other.txt"]
+    assert len(Path(csv_out).read_text(encoding="utf-8").splitlines()) == 3

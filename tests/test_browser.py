@@ -1,0 +1,127 @@
+"""The web UI in a real browser: Playwright drives Debian's Chromium (headless) against `python app.py`.
+
+It uploads an image, reads the tags, moves the threshold (the tag counts must equal the JSON API's), clicks
+a tag to show its CAM, saves a screenshot and checks that the overlay is in it, uploads a corrupt file
+(a message, not a traceback), and checks that the page fetched nothing from outside 127.0.0.1 (offline).
+
+Needs /usr/bin/chromium (`apt-get install -y chromium`); never `playwright install`. Set
+HYDRA_WEBUI_SCREENSHOT=docs/webui.png to refresh the README screenshot.
+
+Run: venv/bin/python -m pytest tests/test_browser.py -q   (about 40 s)
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+from test_app import make_fixture, server_args, start_server, stop_server
+
+from hydra.cam import DESATURATE
+
+CHROMIUM = "/usr/bin/chromium"
+# A closed network makes Chromium hang on Google look-ups without these.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 60_000
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if not os.path.exists(CHROMIUM):
+        print(f"\nskipping the browser test: {CHROMIUM} is missing (apt-get install -y chromium)")
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)")
+    folder = tmp_path_factory.mktemp("browser")
+    files = make_fixture(folder)
+    files["calibration"].unlink()  # threshold slider mode, as a first start without calibration.csv
+    proc, url = start_server(folder, server_args(files))
+    yield url, files
+    stop_server(proc)
+
+
+def tag_names(page) -> list[str]:
+    return page.eval_on_selector_all("#tag-list .confidence-set .text", "els => els.map(e => e.textContent.trim())")
+
+
+def image_box(page, shot: Image.Image) -> np.ndarray:
+    """The displayed image's pixels, cropped from a screenshot of the page."""
+    box = page.locator("#image img").first.bounding_box()
+    crop = shot.crop((round(box["x"]), round(box["y"]), round(box["x"] + box["width"]),
+                      round(box["y"] + box["height"])))
+    return np.asarray(crop.convert("RGB"), dtype=np.float64)
+
+
+def test_browser_upload_threshold_cam_screenshot(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    url, files = server
+    api_count = {t: len(requests.post(url + "/api/tag", files={"image": files["image"].read_bytes()},
+                                      data={"threshold": t}, timeout=60).json()["tags"]) for t in ("0.3", "0.1")}
+    requests_seen: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.on("request", lambda r: requests_seen.append(r.url))
+            page.goto(url, wait_until="load")
+
+            # upload: tags appear, in display spelling, agreeing with the JSON API at the default 0.30
+            page.locator("#image input[type=file]").set_input_files(str(files["image"]))
+            page.wait_for_function("document.querySelector('#caption textarea').value.length > 0")
+            page.wait_for_function("document.querySelectorAll('#tag-list .confidence-set').length > 0")
+            names = tag_names(page)
+            assert len(names) == api_count["0.3"] and all("_" not in n for n in names)
+            before = page.locator("#image img").first.get_attribute("src")
+            plain = image_box(page, Image.open(io.BytesIO(page.screenshot())))
+
+            # move the threshold: more tags pass, exactly as many as the API gives at that threshold
+            page.locator("#threshold input[type=range]").fill("0.1")
+            page.wait_for_function(f"document.querySelectorAll('#tag-list .confidence-set').length == "
+                                   f"{api_count['0.1']}")
+            assert api_count["0.1"] > api_count["0.3"]
+            assert page.locator("#threshold input[type=number]").input_value() == "0.1"
+
+            # click the most probable tag: it becomes the CAM tag and the overlay replaces the image
+            first = tag_names(page)[0]
+            page.locator("#tag-list .confidence-set").first.click()
+            page.wait_for_function("v => document.querySelector('#cam-tag input').value == v", arg=first)
+            page.wait_for_function("s => document.querySelector('#image img').getAttribute('src') != s", arg=before)
+            page.wait_for_function("document.querySelector('#image img').complete")
+            shot_path = tmp_path / "webui.png"
+            page.screenshot(path=str(shot_path))
+            check_overlay(plain, image_box(page, Image.open(shot_path)))
+            if target := os.environ.get("HYDRA_WEBUI_SCREENSHOT"):
+                shutil.copyfile(shot_path, target)
+
+            # a corrupt upload is a message in the UI, and the server keeps serving
+            page.locator("#image button[aria-label='Remove Image']").first.click()
+            page.locator("#image input[type=file]").set_input_files(str(files["corrupt"]))
+            page.wait_for_selector("text=Not a usable image")
+            assert requests.get(url + "/api/health", timeout=10).json()["status"] == "ok"
+        finally:
+            browser.close()
+
+    outside = [u for u in requests_seen if urlsplit(u).scheme not in ("data", "blob")
+               and urlsplit(u).hostname not in ("127.0.0.1", "localhost")]
+    assert requests_seen and not outside, outside
+
+
+def check_overlay(plain: np.ndarray, shown: np.ndarray) -> None:
+    """`shown` is `plain` desaturated with green/red blocks over it (the CAM), not just the plain image."""
+    assert plain.shape == shown.shape, (plain.shape, shown.shape)
+    gray = plain @ np.array([0.299, 0.587, 0.114])
+    desat = plain * (1 - DESATURATE) + gray[..., None] * DESATURATE
+    d = shown - desat  # the overlay's pull toward pure green or pure red
+    green = (d[..., 1] > 12) & (d[..., 0] < -4) & (d[..., 2] < -4)
+    red = (d[..., 0] > 12) & (d[..., 1] < -4) & (d[..., 2] < -4)
+    assert green.mean() + red.mean() > 0.05, (green.mean(), red.mean())
+    assert np.abs(shown - plain).mean() > 5
