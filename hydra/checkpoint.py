@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 
 import torch
@@ -117,8 +116,9 @@ def check_architecture(path: str | os.PathLike, meta: Mapping[str, str]) -> str:
 def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                      metadata: Mapping[str, str]) -> None:
     """Write atomically: a hidden temporary file in the same folder, renamed over `path` when complete."""
-    folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    from .common import temp_beside
+
+    fd, tmp = temp_beside(path)
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata))

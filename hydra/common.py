@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -72,6 +73,27 @@ def choose_dtype(device: str | torch.device, requested: str | None = None) -> tu
     return torch.float32, "fp32 (CPU lacks native bf16; fp32 is faster there)"
 
 
+def temp_beside(path: str | os.PathLike) -> tuple[int, str]:
+    """A new hidden temporary file in `path`'s folder, with the permissions `path` will need.
+
+    `mkstemp` creates files readable by their owner only; a caption or model file should get what any new
+    file gets (0666 minus the umask), or keep the mode of the file it replaces.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    try:
+        os.chmod(tmp, mode)
+    except OSError:  # e.g. a file system without Unix permissions: keep what mkstemp gave
+        pass
+    return fd, tmp
+
+
 class AtomicFile:
     """A hidden temporary file beside `path` that becomes `path` on `commit()`, or vanishes on `discard()`.
 
@@ -81,7 +103,7 @@ class AtomicFile:
     def __init__(self, path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8",
                  newline: str | None = None, errors: str | None = None):
         self.path = Path(path)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        fd, self.tmp = temp_beside(self.path)
         binary = "b" in mode
         self.file = os.fdopen(fd, mode, encoding=None if binary else encoding, newline=None if binary else newline,
                               errors=None if binary else errors)

@@ -19,6 +19,7 @@ import collections
 import multiprocessing as mp
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing import resource_tracker, shared_memory
@@ -123,9 +124,16 @@ class _Slot:
         self.proc = ctx.Process(target=_worker, args=(child, fn, share_memory), daemon=True)
         saved = {k: os.environ.get(k) for k in _WORKER_ENV}
         os.environ.update(_WORKER_ENV)  # inherited at spawn: no thread oversubscription, no CUDA
+        # A spawned child re-runs the parent's main script (to find functions defined there) unless it has no
+        # __file__; ours are all importable from hydra, and re-running inference.py would import torch and
+        # timm in every worker (seconds each). Hide it while the child starts.
+        main = sys.modules["__main__"]
+        main_file = main.__dict__.pop("__file__", None) if getattr(main, "__spec__", None) is None else None
         try:
             self.proc.start()
         finally:
+            if main_file is not None:
+                main.__file__ = main_file
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
