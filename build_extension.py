@@ -1,0 +1,133 @@
+"""Turn a train_extension.py checkpoint into an extension file that inference.py, app.py and calibrate.py load.
+
+    python build_extension.py train/my_tag/checkpoints/20260101-120000_e66.pt my_tag general
+    python build_extension.py -a "Me" -i dragon -i gryphon CHECKPOINT dragon_on_top_gryphon_on_bottom general
+    python build_extension.py -o my_extensions -r CHECKPOINT my_tag species my_tag_v2
+
+The checkpoint holds the schedule-free training point y; the extension gets the averaged weights x that
+the validation measured (rebuilt from the optimizer's z), q RMS-normalised as the base model stores it,
+and the validation counts for calibration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+from hydra import training
+from hydra.checkpoint import ARCHITECTURE, KEY_ARCHITECTURE, CheckpointError
+from hydra.common import log
+from hydra.extensions import (
+    DEFAULT_EXTENSION_DIR,
+    IMPLEMENTATION,
+    KEY_CATEGORY,
+    KEY_IMPLEMENTATION,
+    KEY_IMPLIES,
+    KEY_LABEL,
+    save_extension,
+)
+from hydra.resources import project_path
+from hydra.tags import CATEGORIES
+
+DESCRIPTION = ("This is an extension for the RedRocket JTP-3 Hydra image classifier. You can find usage "
+               "instructions at https://huggingface.co/RedRocket/JTP-3.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="JTP-3 Hydra Extension Builder", allow_abbrev=False)
+    p.add_argument("checkpoint", metavar="CHECKPOINT_PATH", help="A .pt checkpoint written by train_extension.py.")
+    p.add_argument("tag", metavar="TAG", help="The tag, e621 spelling without spaces (e.g. my_tag_(custom)).")
+    p.add_argument("category", metavar="CATEGORY", choices=list(CATEGORIES),
+                   help=f"The tag's category: {', '.join(CATEGORIES)}.")
+    p.add_argument("file_name", metavar="FILE_NAME", nargs="?",
+                   help="Output name without .safetensors. (Default: TAG with '/' and '.' replaced by '_')")
+    g = p.add_argument_group("output")
+    g.add_argument("-o", "--output-dir", metavar="DIR",
+                   help=f"Where to write the extension. (Default: {DEFAULT_EXTENSION_DIR} in the project folder, "
+                        "created if needed)")
+    g.add_argument("-r", "--replace", action="store_true", help="Overwrite an existing extension file.")
+    g = p.add_argument_group("metadata")
+    g.add_argument("-a", "--author", help="Author name. (Default: none)")
+    g.add_argument("-l", "--license", default="MIT", help="License. (Default: MIT)")
+    g.add_argument("-T", "--title", help="Title. (Default: 'JTP-3 Hydra Extension: TAG')")
+    g.add_argument("-L", "--language", default="en/US", help="Language. (Default: en/US)")
+    g.add_argument("-i", "--implies", metavar="TAG", action="append", default=[],
+                   help="A tag this tag implies. May be specified multiple times.")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for what, tag in [("TAG", args.tag), *(("-i", t) for t in args.implies)]:
+        if not tag or any(c in tag for c in " \\\t\r\n"):
+            raise ValueError(f"{what} {tag!r}: a tag must be non-empty and contain no space, backslash, tab or "
+                             "line break (use e621 spelling with underscores)")
+    if args.file_name is None:
+        args.file_name = args.tag.replace("/", "_").replace(".", "_")
+    if not args.file_name or any(c in args.file_name for c in "/\\."):
+        raise ValueError(f"FILE_NAME {args.file_name!r} must be non-empty and contain no '/', '\\' or '.'")
+
+
+def extension_metadata(args: argparse.Namespace) -> dict[str, str]:
+    """The extension's metadata (spec §6.1), in the order upstream prints it."""
+    meta = {
+        "modelspec.sai_model_spec": "1.0.0",
+        KEY_ARCHITECTURE: ARCHITECTURE,
+        KEY_IMPLEMENTATION: IMPLEMENTATION,
+        "modelspec.description": DESCRIPTION,
+        "modelspec.date": datetime.date.today().isoformat(),
+        "modelspec.tags": "Image Classification",
+        KEY_LABEL: args.tag,
+        KEY_CATEGORY: args.category,
+    }
+    if args.implies:
+        meta[KEY_IMPLIES] = " ".join(sorted(set(args.implies)))
+    meta["modelspec.title"] = args.title or f"JTP-3 Hydra Extension: {args.tag}"
+    if args.author:
+        meta["modelspec.author"] = args.author
+    meta["modelspec.license"] = args.license
+    meta["modelspec.language"] = args.language
+    return meta
+
+
+def output_path(args: argparse.Namespace) -> str:
+    folder = args.output_dir
+    if folder is None:
+        folder = project_path(DEFAULT_EXTENSION_DIR)
+        os.makedirs(folder, exist_ok=True)
+    elif not os.path.isdir(folder):
+        raise FileNotFoundError(f"output directory '{folder}' does not exist")
+    path = os.path.join(folder, args.file_name + ".safetensors")
+    if os.path.exists(path) and not args.replace:
+        raise FileExistsError(f"'{path}' already exists. Provide a different file name, or specify --replace to "
+                              "overwrite it.")
+    return path
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        check_args(args)
+        path = output_path(args)
+        log(f"Loading checkpoint '{args.checkpoint}'...")
+        ckpt = training.load_checkpoint(args.checkpoint)
+        if ckpt.get("validation") is None:
+            log("Warning: the checkpoint has no validation data. Calibration will not be supported.")
+        log("Preparing metadata...")
+        meta = extension_metadata(args)
+        for key, value in meta.items():
+            log(f"{key}: {value!r}")
+        log("Building extension...")
+        q, out_proj, validation = training.extension_tensors(ckpt)
+        log(f"Normalize: attn_pool.q (RMSNorm: each head's query gets L2 norm sqrt({q.shape[-1]}), as the base "
+            "model stores q)")
+        log(f"Saving extension '{path}'...")
+        save_extension(path, q, out_proj, meta, validation)
+    except (CheckpointError, OSError, ValueError) as e:
+        log(f"error: {e}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(build_parser().parse_args()))

@@ -1,0 +1,203 @@
+"""Train a new JTP-3 tag (an extension) from example images, on a GPU or on the CPU.
+
+Put images with the tag in train/<tag>/positive and images without it in train/<tag>/negative, then:
+
+    python train_extension.py -e 100 -c 10 my_tag_(custom)        # 100 epochs, a checkpoint every 10
+    python train_extension.py my_tag_(custom)                     # until Ctrl-C (saves at the epoch's end)
+    python train_extension.py -r 20260101-120000_e40.pt -e 80 my_tag_(custom)   # resume to epoch 80
+    python train_extension.py --no-train -W 4 my_tag_(custom)     # only build the feature cache
+
+Then pick an epoch from the EPOCH lines and turn its checkpoint into an extension with build_extension.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+
+import torch
+
+from hydra import training
+from hydra.checkpoint import CheckpointError
+from hydra.common import choose_dtype, default_device, log
+from hydra.hub import DownloadError
+from hydra.model import load_jtp3
+from hydra.optim import AdamWScheduleFree
+from hydra.resources import DEFAULT_MODEL, resolve_model
+
+# Optimizer flags: default None so that "given" can be told apart (they conflict with --resume).
+HYPER = {"lr": 1e-4, "beta1": 0.9, "beta2": 0.999, "beta1_c": 200.0, "weight_decay": 1e-2, "warmup_steps": 20}
+SEED = 3407
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="JTP-3 Hydra Extension Trainer", allow_abbrev=False)
+    p.add_argument("tag", metavar="TAG", help="The tag to train, e.g. my_tag_(custom). Its images are in "
+                   "DIR/TAG/positive and DIR/TAG/negative (spaces, '/' and '.' in the folder name become '_').")
+    g = p.add_argument_group("run")
+    g.add_argument("-D", "--dir", metavar="PATH", default="train", help="Working directory. (Default: train)")
+    g.add_argument("-M", "--model", metavar="PATH", help=f"Path to model file. (Default: {DEFAULT_MODEL})")
+    g.add_argument("-d", "--device", metavar="TORCH_DEVICE",
+                   help="Torch device. (Default: cuda if available, else cpu; CPU training works)")
+    g.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="Compute dtype. (Default: auto = bf16 on GPUs and on CPUs with native bf16, else fp32)")
+    g.add_argument("-r", "--resume", metavar="CHECKPOINT",
+                   help="Resume from this checkpoint (a file name in DIR/TAG/checkpoints, or a path).")
+    g.add_argument("-s", "--seed", type=int, help=f"Seed for the split and sampling. (Default: {SEED})")
+    g.add_argument("-i", "--init-from-tag", metavar="TAG",
+                   help="Start from an existing tag of the model (exact e621 name). (Default: random init)")
+    g = p.add_argument_group("training")
+    g.add_argument("-b", "--batch", type=_positive, default=16, help="Batch size. (Default: 16)")
+    g.add_argument("-a", "--accumulate", type=_positive, default=1,
+                   help="Gradient accumulation steps. (Default: 1)")
+    g.add_argument("-e", "--max-epochs", type=_natural, default=0, help="Stop after this epoch. (0 = until Ctrl-C)")
+    g.add_argument("-c", "--checkpoint-interval", type=_natural, default=0,
+                   help="Also save a checkpoint every N epochs. (0 = only at the end)")
+    g.add_argument("-v", "--validation-samples", type=_natural, default=20,
+                   help="Positive and negative examples held out for validation, each. (Default: 20)")
+    g.add_argument("-T", "--validation-thresholds", type=_positive, default=99,
+                   help="Number of validation thresholds. (Default: 99)")
+    g.add_argument("--force", action="store_true", help="Train even if the dataset looks too small or imbalanced.")
+    g = p.add_argument_group("optimizer (only for a new run, not with --resume)")
+    g.add_argument("--lr", type=float, help=f"Learning rate. (Default: {HYPER['lr']:g})")
+    g.add_argument("--beta1", type=float, help=f"Schedule-free beta1. (Default: {HYPER['beta1']:g})")
+    g.add_argument("--beta2", type=float, help=f"Second-moment decay. (Default: {HYPER['beta2']:g})")
+    g.add_argument("--beta1-c", type=float, help=f"beta1 decoupling constant C. (Default: {HYPER['beta1_c']:g})")
+    g.add_argument("--weight-decay", type=float, help=f"Weight decay. (Default: {HYPER['weight_decay']:g})")
+    g.add_argument("--warmup-steps", type=int, help=f"Linear warmup steps. (Default: {HYPER['warmup_steps']})")
+    g = p.add_argument_group("feature cache")
+    g.add_argument("-B", "--cache-batch", type=_positive, default=4, help="Batch size for caching. (Default: 4)")
+    g.add_argument("-W", "--cache-workers", type=int, default=-1,
+                   help="Image loading processes for caching. (Default: -1 = all cores; 0 = main process)")
+    g.add_argument("--cache-tag", metavar="ID", default="jtp3", help="Namespace of cache files. (Default: jtp3)")
+    g.add_argument("--rebuild-cache", action="store_true", help="Recompute every cache file.")
+    g.add_argument("--no-train", action="store_true", help="Only build the feature cache.")
+    g.add_argument("--no-shm", action="store_true", help="Disable shared memory in caching workers.")
+    g.add_argument("--no-mtime", action="store_true",
+                   help="A cache file is valid if it exists, even when older than its image.")
+    return p
+
+
+def _positive(text: str) -> int:
+    if int(text) < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return int(text)
+
+
+def _natural(text: str) -> int:
+    if int(text) < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return int(text)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Flag combinations argparse cannot express (upstream's resume check read a missing `args.c`)."""
+    fixed = ["seed", "init_from_tag", *HYPER]
+    given = [f"--{k.replace('_', '-')}" for k in fixed if getattr(args, k) is not None]
+    if args.resume and given:
+        raise ValueError(f"--resume continues with the checkpoint's settings; remove {', '.join(given)}")
+    training.check_tag(args.tag)
+    training.check_cache_tag(args.cache_tag)
+
+
+def setup_device(name: str | None) -> torch.device:
+    device = torch.device(name or default_device())
+    if device.type == "cuda":  # upstream's CUDA settings (the allocator reads its config at the first allocation)
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def make_optimizer(head, args, ckpt) -> AdamWScheduleFree:
+    hp = {k: HYPER[k] if getattr(args, k, None) is None else getattr(args, k) for k in HYPER}
+    opt = AdamWScheduleFree(training.named_trainable(head), lr=hp["lr"], beta1=hp["beta1"], beta2=hp["beta2"],
+                            c=hp["beta1_c"], weight_decay=hp["weight_decay"], warmup_steps=hp["warmup_steps"],
+                            seed=args.seed)
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+    log(f"Optimizer: schedule-free AdamW ({opt.impl}: {opt.impl_reason})")
+    return opt
+
+
+def find_checkpoint(ws: training.Workspace, name: str) -> str:
+    """`-r NAME`: a file in the tag's checkpoints folder (as upstream), or else a path as given."""
+    for path in (os.path.join(ws.checkpoints, name), name):
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"checkpoint '{name}' not found in '{ws.checkpoints}' (nor as a path)")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        check_args(args)
+        ws = training.Workspace.for_tag(args.dir, args.tag)
+        ckpt = None
+        if args.resume:
+            ckpt = training.load_checkpoint(find_checkpoint(ws, args.resume))
+            if 0 < args.max_epochs <= ckpt["epoch"]:
+                raise ValueError(f"the checkpoint is at epoch {ckpt['epoch']}; -e {args.max_epochs} leaves nothing "
+                                 "to train")
+            args.seed = ckpt["seed"]
+        args.seed = SEED if args.seed is None else args.seed
+        device = setup_device(args.device)
+        dtype, dtype_reason = choose_dtype(device, args.dtype)
+        model_path = resolve_model(args.model)
+        log(f"Loading '{model_path}' ...", end="")
+        model = load_jtp3(model_path, device, dtype)
+        log(f" {len(model.labels)} tags ({device}, {dtype_reason})")
+        cores = (os.process_cpu_count() if hasattr(os, "process_cpu_count") else os.cpu_count()) or 1
+        workers = cores if args.cache_workers < 0 else args.cache_workers
+        cache = training.build_feature_cache(
+            model, ws.images(), args.cache_tag, batch_size=args.cache_batch, workers=workers,
+            share_memory=not args.no_shm, rebuild=args.rebuild_cache, check_mtime=not args.no_mtime)
+        log(f"Feature cache: {len(cache.items)} images ready, {cache.computed} computed"
+            + (f" ({cache.computed / cache.seconds:.2f} images/s)" if cache.computed else "")
+            + f", failed={cache.failed}.")
+        if args.no_train:
+            return 1 if cache.failed else 0
+        base, labels = model.head, model.labels
+        del model  # frees the backbone; the head's shared weights stay alive through `base`
+        return train(args, ws, base, labels, cache.items, ckpt)
+    except (CheckpointError, DownloadError, OSError, ValueError) as e:
+        log(f"error: {e}")
+        return 2
+
+
+def train(args: argparse.Namespace, ws: training.Workspace, base, labels: list[str], items, ckpt) -> int:
+    """Split, check, build the head and optimizer (fresh, from -i, or from -r), and run the epoch loop."""
+    rng = random.Random(args.seed)
+    train_set, val_set = training.split_dataset(items, args.validation_samples, rng)
+    problems = training.sanity_problems(items, train_set, val_set, args.batch, args.accumulate)
+    if problems and not args.force:
+        raise ValueError(" ".join(problems) + " Use --force to train anyway.")
+    for problem in problems:
+        log(f"warning: {problem}")
+    init = None
+    if args.init_from_tag is not None:
+        if args.init_from_tag not in labels:
+            raise ValueError(f"-i: tag {args.init_from_tag!r} is not in the model (use the exact e621 name)")
+        init = labels.index(args.init_from_tag)
+    head = training.make_train_head(base, init, torch.Generator().manual_seed(args.seed))
+    if ckpt is not None:
+        training.load_head_state(head, ckpt["attn_pool"], args.resume)
+        state = ckpt["rng_state"]
+        rng.setstate((state[0], tuple(state[1]), state[2]))
+    opt = make_optimizer(head, args, ckpt)
+    log(f"Training on {len(train_set)} images, validating on {len(val_set)}; "
+        f"{training.optimizer_steps(len(train_set), args.batch, args.accumulate)} optimizer steps per epoch.")
+    settings = training.LoopSettings(args.batch, args.accumulate, args.max_epochs, args.checkpoint_interval,
+                                     args.validation_thresholds)
+    with training.StopFlag() as stop:
+        training.fit(head, opt, train_set, val_set, rng, seed=args.seed, settings=settings,
+                     checkpoint_dir=ws.checkpoints, start_epoch=0 if ckpt is None else ckpt["epoch"], stop=stop)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(build_parser().parse_args()))
+    except KeyboardInterrupt:
+        log("Interrupted.")
+        sys.exit(130)
