@@ -24,7 +24,8 @@ import timm
 import torch
 from timm.models.naflexvit import NaFlexVit
 
-BACKBONE = "naflexvit_so400m_patch16_siglip"
+from .checkpoint import BACKBONE
+
 OVERRIDABLE = ("embed_dim", "depth", "num_heads", "mlp_ratio")
 
 

@@ -15,8 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .backbone import BACKBONE
-
+BACKBONE = "naflexvit_so400m_patch16_siglip"  # timm's name; hydra/backbone.py builds it
 ARCHITECTURE = BACKBONE + "+rr_hydra"   # `modelspec.architecture` of JTP-3 and its extensions
 KEY_ARCHITECTURE = "modelspec.architecture"
 KEY_LABELS = "classifier.labels"        # tag names joined with "\n", model order
