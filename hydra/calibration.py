@@ -6,7 +6,8 @@ we score each candidate threshold with a metric (§5.2), drop candidates that fa
 the best one (§5.3). Extensions carry the same counts in their `validation` tensor (§5.3, §7.6).
 
 `counts_from_scores` + `write_validation_csv` produce that file format from your own scored, labelled
-images, so "calibrate on your own images" is: scores -> counts -> curves -> `select_thresholds`.
+images, so "calibrate on your own images" is: scores -> counts -> curves -> `select_thresholds`
+(`hydra/dataset.py` does this for a folder of tagged images: `calibrate.py --from-dataset`).
 
 Pure numpy; torch is imported only by `extension_thresholds` and matplotlib only by `plot_curve`.
 Shapes: K = candidate thresholds of one tag, T = tags, N = images.

@@ -56,7 +56,10 @@ def test_help_and_defaults():
     flags = {s for action in parser._actions for s in action.option_strings}
     assert flags >= {"--data", "-o", "--output", "-m", "--metric", "-s", "--min-score", "-R", "--range",
                      "-p", "--min-precision", "-r", "--min-recall", "-x", "--exclude-tags", "--epsilon",
-                     "-e", "--extension", "-E", "--no-default-extensions", "--plot", "--plot-dir"}
+                     "-e", "--extension", "-E", "--no-default-extensions", "--plot", "--plot-dir",
+                     "--from-dataset", "--data-out", "--recursive", "--metadata", "--min-positives", "--refresh",
+                     "-M", "--model", "--vocab", "-S", "--seqlen", "-d", "--device", "--dtype", "-b", "--batch",
+                     "-w", "--workers", "--no-shm", "--max-size", "--exif", "--white-background"}
     for default in ("data/jtp-3-hydra-val.csv", "calibration.csv", "0.098", "0.198", "-0.0001",
                     "extensions/jtp-3-hydra", "calibration-plots"):
         assert default in text, default
@@ -114,6 +117,7 @@ def test_excluding_an_unknown_tag_is_noted(val, capsys):
     (["--data", "missing.csv"], "validation data 'missing.csv' not found"),
     (["--data", "bad.csv"], "bad.csv:3: tp 'x' is not a number"),
     (["-o", "no/such/dir/out.csv"], "No such file or directory"),
+    (["-M", "m.safetensors", "-w", "0", "--refresh"], "--refresh, -M, -w: only meaningful with --from-dataset DIR"),
 ])
 def test_user_errors_are_one_line_and_exit_2(val, capsys, tmp_path, argv, message):
     (tmp_path / "bad.csv").write_text("tag,threshold,tp,fp,tn,fn\na,0.5,1,1,1,1\na,0.6,x,1,1,1\n")
