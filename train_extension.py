@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from hydra import training
+from hydra import features, training
 from hydra.checkpoint import CheckpointError
 from hydra.common import choose_dtype, default_device, log
 from hydra.hub import DownloadError
@@ -98,8 +98,8 @@ def check_args(args: argparse.Namespace) -> None:
     given = [f"--{k.replace('_', '-')}" for k in fixed if getattr(args, k) is not None]
     if args.resume and given:
         raise ValueError(f"--resume continues with the checkpoint's settings; remove {', '.join(given)}")
-    training.check_tag(args.tag)
-    training.check_cache_tag(args.cache_tag)
+    features.check_tag(args.tag)
+    features.check_cache_tag(args.cache_tag)
 
 
 def setup_device(name: str | None) -> torch.device:
@@ -121,7 +121,7 @@ def make_optimizer(head, args, ckpt) -> AdamWScheduleFree:
     return opt
 
 
-def find_checkpoint(ws: training.Workspace, name: str) -> str:
+def find_checkpoint(ws: features.Workspace, name: str) -> str:
     """`-r NAME`: a file in the tag's checkpoints folder (as upstream), or else a path as given."""
     for path in (os.path.join(ws.checkpoints, name), name):
         if os.path.isfile(path):
@@ -132,7 +132,7 @@ def find_checkpoint(ws: training.Workspace, name: str) -> str:
 def main(args: argparse.Namespace) -> int:
     try:
         check_args(args)
-        ws = training.Workspace.for_tag(args.dir, args.tag)
+        ws = features.Workspace.for_tag(args.dir, args.tag)
         ckpt = None
         if args.resume:
             ckpt = training.load_checkpoint(find_checkpoint(ws, args.resume))
@@ -149,7 +149,7 @@ def main(args: argparse.Namespace) -> int:
         log(f" {len(model.labels)} tags ({device}, {dtype_reason})")
         cores = (os.process_cpu_count() if hasattr(os, "process_cpu_count") else os.cpu_count()) or 1
         workers = cores if args.cache_workers < 0 else args.cache_workers
-        cache = training.build_feature_cache(
+        cache = features.build_feature_cache(
             model, ws.images(), args.cache_tag, batch_size=args.cache_batch, workers=workers,
             share_memory=not args.no_shm, rebuild=args.rebuild_cache, check_mtime=not args.no_mtime)
         log(f"Feature cache: {len(cache.items)} images ready, {cache.computed} computed"
@@ -165,7 +165,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
 
 
-def train(args: argparse.Namespace, ws: training.Workspace, base, labels: list[str], items, ckpt) -> int:
+def train(args: argparse.Namespace, ws: features.Workspace, base, labels: list[str], items, ckpt) -> int:
     """Split, check, build the head and optimizer (fresh, from -i, or from -r), and run the epoch loop."""
     rng = random.Random(args.seed)
     train_set, val_set = training.split_dataset(items, args.validation_samples, rng)

@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 
 import build_extension
-from hydra import resources, training
+from hydra import features, resources, training
 from hydra.checkpoint import load_tensors, save_safetensors
 from hydra.extensions import FROZEN_COPIES, read_extension
+from hydra.features import Item
 from hydra.fixtures import write_model
 from hydra.model import load_jtp3
 from hydra.optim import AdamWScheduleFree, schedule_free_eval_point
-from hydra.training import Item
 
 TAGS = ["alpha", "beta", "gamma"]
 D, H, E = 64, 2, 16  # tiny fixture: backbone width, heads, head dim
@@ -46,8 +46,8 @@ def trained(tmp_path_factory, model_path):
         label = i % 2
         path = str(folder / f"{i:03d}.png")
         feats = torch.randn(int(torch.randint(4, 10, (), generator=g)), D, generator=g) + (0.8 if label else -0.8)
-        training.save_features(training.cache_path(path, "jtp3"), feats)
-        items.append(Item(path, label, training.cache_path(path, "jtp3")))
+        features.save_features(features.cache_path(path, "jtp3"), feats)
+        items.append(Item(path, label, features.cache_path(path, "jtp3")))
     rng = random.Random(3407)
     train, val = training.split_dataset(items, 4, rng)
     model = load_jtp3(model_path)
@@ -139,7 +139,7 @@ def test_extension_reproduces_its_validation_at_inference(tmp_path, trained, mod
     assert run(capsys, "-o", tmp_path, ckpt_path, "new_tag", "general")[0] == 0
     model = load_jtp3(model_path, extensions=[read_extension(tmp_path / "new_tag.safetensors")])
     assert model.labels == [*TAGS, "new_tag"]
-    x, valid = training.collate_features([training.load_features(it.cache) for it in val], "cpu", torch.bfloat16)
+    x, valid = training.collate_features([features.load_features(it.cache) for it in val], "cpu", torch.bfloat16)
     with torch.no_grad():
         logits = model.head(x, valid)[:, 3]
     labels = torch.tensor([it.label for it in val])
@@ -159,7 +159,7 @@ def test_upstream_style_file_with_unit_q_and_frozen_copies_behaves_the_same(tmp_
     save_safetensors(tmp_path / "upstream.safetensors", tensors, ours.metadata)
     upstream = read_extension(tmp_path / "upstream.safetensors")
     assert upstream.q.float().norm(dim=-1).sub(1).abs().max() < 0.01
-    x, valid = training.collate_features([training.load_features(it.cache) for it in val], "cpu", torch.bfloat16)
+    x, valid = training.collate_features([features.load_features(it.cache) for it in val], "cpu", torch.bfloat16)
     with torch.no_grad():
         a = load_jtp3(model_path, extensions=[ours]).head(x, valid)[:, 3]
         b = load_jtp3(model_path, extensions=[upstream]).head(x, valid)[:, 3]

@@ -22,12 +22,12 @@ import torch
 from PIL import Image
 
 import train_extension
-from hydra import training
+from hydra import features, training
+from hydra.features import Item
 from hydra.fixtures import write_model
 from hydra.image import JTP3Preprocess, collate
 from hydra.model import load_jtp3
 from hydra.optim import AdamWScheduleFree
-from hydra.training import Item
 
 TAGS = ["alpha", "beta", "gamma"]
 D = 64  # tiny fixture backbone width
@@ -56,10 +56,10 @@ def fake_items(folder, n_pos, n_neg, seed=0, lengths=(5, 9)):
     for label, n in ((1, n_pos), (0, n_neg)):
         for i in range(n):
             path = os.path.join(folder, "positive" if label else "negative", f"{i:03d}.png")
-            cache = training.cache_path(path, "jtp3")
+            cache = features.cache_path(path, "jtp3")
             n_tok = int(torch.randint(lengths[0], lengths[1] + 1, (), generator=g))
             feats = torch.randn(n_tok, D, generator=g) + (0.8 if label else -0.8)
-            training.save_features(cache, feats)
+            features.save_features(cache, feats)
             items.append(Item(path, label, cache))
     return sorted(items)
 
@@ -68,28 +68,28 @@ def fake_items(folder, n_pos, n_neg, seed=0, lengths=(5, 9)):
 
 
 def test_tag_folder_name_and_tag_rules():
-    assert training.tag_dir_name("my tag/v1.2") == "my_tag_v1_2"
-    assert training.tag_dir_name("my_tag_(custom)") == "my_tag_(custom)"
+    assert features.tag_dir_name("my tag/v1.2") == "my_tag_v1_2"
+    assert features.tag_dir_name("my_tag_(custom)") == "my_tag_(custom)"
     for bad in ("", "a\\b", "a\nb"):
         with pytest.raises(ValueError):
-            training.check_tag(bad)
+            features.check_tag(bad)
 
 
 def test_list_images_skips_dot_files_notes_and_folders(tmp_path):
     for name in ("b.png", "a.jpg", ".hidden.png", "notes.txt", "list.CSV", "x.webp"):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "_cache").mkdir()
-    assert [os.path.basename(p) for p in training.list_images(tmp_path)] == ["a.jpg", "b.png", "x.webp"]
+    assert [os.path.basename(p) for p in features.list_images(tmp_path)] == ["a.jpg", "b.png", "x.webp"]
 
 
 def test_workspace_needs_the_tag_folders(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        training.Workspace.for_tag(tmp_path, "my tag")
+        features.Workspace.for_tag(tmp_path, "my tag")
     (tmp_path / "my_tag" / "positive").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="negative"):
-        training.Workspace.for_tag(tmp_path, "my tag")
+        features.Workspace.for_tag(tmp_path, "my tag")
     (tmp_path / "my_tag" / "negative").mkdir()
-    ws = training.Workspace.for_tag(tmp_path, "my tag")
+    ws = features.Workspace.for_tag(tmp_path, "my tag")
     write_image(tmp_path / "my_tag" / "positive" / "p.png")
     write_image(tmp_path / "my_tag" / "negative" / "n.png")
     assert ws.checkpoints == os.path.join(str(tmp_path), "my_tag", "checkpoints")
@@ -100,23 +100,23 @@ def test_workspace_needs_the_tag_folders(tmp_path):
 
 
 def test_cache_path_and_cache_tag_rules():
-    assert training.cache_path(os.path.join("t", "positive", "a.png"), "jtp3") == \
+    assert features.cache_path(os.path.join("t", "positive", "a.png"), "jtp3") == \
         os.path.join("t", "positive", "_cache", "jtp3__a.png.safetensors")
     for bad in ("", ".x", "a/b", "a\\b"):
         with pytest.raises(ValueError):
-            training.check_cache_tag(bad)
+            features.check_cache_tag(bad)
 
 
 def test_cache_freshness_follows_mtime_unless_disabled(tmp_path):
     image = write_image(tmp_path / "a.png")
-    cache = training.cache_path(image, "jtp3")
-    assert not training.cache_is_fresh(image, cache)
-    training.save_features(cache, torch.zeros(2, D))
-    assert training.cache_is_fresh(image, cache)
+    cache = features.cache_path(image, "jtp3")
+    assert not features.cache_is_fresh(image, cache)
+    features.save_features(cache, torch.zeros(2, D))
+    assert features.cache_is_fresh(image, cache)
     t = os.stat(cache).st_mtime_ns
     os.utime(image, ns=(t + 10**9, t + 10**9))  # the image changed after caching
-    assert not training.cache_is_fresh(image, cache)
-    assert training.cache_is_fresh(image, cache, check_mtime=False)
+    assert not features.cache_is_fresh(image, cache)
+    assert features.cache_is_fresh(image, cache, check_mtime=False)
 
 
 def test_feature_cache_holds_the_valid_token_features(tmp_path, model):
@@ -125,11 +125,11 @@ def test_feature_cache_holds_the_valid_token_features(tmp_path, model):
               for i, size in enumerate([(48, 32), (32, 80), (64, 64)])]
     images.append((str(tmp_path / "positive" / "broken.png"), 1))
     (tmp_path / "positive" / "broken.png").write_bytes(b"not an image")
-    result = training.build_feature_cache(model, images, "jtp3", batch_size=2, progress=False)
+    result = features.build_feature_cache(model, images, "jtp3", batch_size=2, progress=False)
     assert (result.computed, result.failed) == (3, 1)
     assert [it.path for it in result.items] == sorted(p for p, _ in images[:3])
     for path, _ in images[:3]:
-        cached = training.load_features(training.cache_path(path, "jtp3"))
+        cached = features.load_features(features.cache_path(path, "jtp3"))
         sample = JTP3Preprocess()(path)
         with torch.inference_mode():
             alone = model.features(model.to_device_batch(collate([sample])))[0]  # (N, D)
@@ -137,17 +137,17 @@ def test_feature_cache_holds_the_valid_token_features(tmp_path, model):
         # batched with padding vs alone: the backbone masks padding, so only rounding noise differs
         torch.testing.assert_close(cached.float(), alone.float(), atol=0.05, rtol=0.02)
 
-    again = training.build_feature_cache(model, images[:3], "jtp3", progress=False)
+    again = features.build_feature_cache(model, images[:3], "jtp3", progress=False)
     assert (again.computed, again.failed, len(again.items)) == (0, 0, 3)
-    rebuilt = training.build_feature_cache(model, images[:3], "jtp3", rebuild=True, progress=False)
+    rebuilt = features.build_feature_cache(model, images[:3], "jtp3", rebuild=True, progress=False)
     assert rebuilt.computed == 3
-    other = training.build_feature_cache(model, images[:1], "other", progress=False)  # a separate namespace
-    assert other.computed == 1 and os.path.exists(training.cache_path(images[0][0], "other"))
+    other = features.build_feature_cache(model, images[:1], "other", progress=False)  # a separate namespace
+    assert other.computed == 1 and os.path.exists(features.cache_path(images[0][0], "other"))
 
 
 def test_feature_cache_with_loader_workers(tmp_path, model):
     images = [(write_image(tmp_path / f"{i}.png", seed=i), i % 2) for i in range(4)]
-    result = training.build_feature_cache(model, images, "jtp3", batch_size=3, workers=1, share_memory=False,
+    result = features.build_feature_cache(model, images, "jtp3", batch_size=3, workers=1, share_memory=False,
                                           progress=False)
     assert (result.computed, result.failed) == (4, 0)
     assert [it.label for it in result.items] == [0, 1, 0, 1]
@@ -155,9 +155,9 @@ def test_feature_cache_with_loader_workers(tmp_path, model):
 
 def test_feature_cache_needs_no_model_when_fresh(tmp_path):
     image = write_image(tmp_path / "a.png")
-    training.save_features(training.cache_path(image, "jtp3"), torch.zeros(3, D))
-    result = training.build_feature_cache(None, [(image, 1)], "jtp3", progress=False)
-    assert result.items == [Item(image, 1, training.cache_path(image, "jtp3"))]
+    features.save_features(features.cache_path(image, "jtp3"), torch.zeros(3, D))
+    result = features.build_feature_cache(None, [(image, 1)], "jtp3", progress=False)
+    assert result.items == [Item(image, 1, features.cache_path(image, "jtp3"))]
 
 
 # -- split and sampling ----------------------------------------------------------------------------
