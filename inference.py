@@ -223,7 +223,9 @@ def main(args: argparse.Namespace) -> int:
     scan_errors: list[str] = []
     paths = list(iter_images(args.paths, args.recursive, scan_errors))
     skipped = 0
-    if args.existing == "skip" and not (args.output or args.format):
+    if args.existing != "overwrite" and (args.output or args.format):
+        log(f"note: --existing {args.existing} applies to .txt captions; -o/--format output is written in full")
+    elif args.existing == "skip":
         todo = [p for p in paths if not os.path.exists(caption_path(p))]
         skipped, paths = len(paths) - len(todo), todo
     if args.ray is not None:  # the same run on Ray Data; exits 2 with an install hint when Ray is missing
