@@ -1,12 +1,14 @@
-"""JTP-3 Hydra web UI: tag images in the browser, see the class-activation map of any tag, tag batches,
-and call it over HTTP. Loads the model once, as `inference.py` does (same flags, defaults and first-use
-download), and serves on http://127.0.0.1:7860.
+"""JTP-3 Hydra web UI: tag images in the browser with one or more models (JTP-3 Hydra and the DINOv3 booru
+tagger), see the class-activation map of any JTP-3 tag, tag batches, and call it over HTTP. Loads each model
+once, as `inference.py` does (same flags, defaults and first-use download), and serves on
+http://127.0.0.1:7860.
 
 Examples:
-    python app.py                                   # http://127.0.0.1:7860
+    python app.py                                   # http://127.0.0.1:7860, the default JTP-3 model
     python app.py --port 8000 -e my_extensions/     # another port, extra extensions
+    python app.py -M models/jtp-3-hydra.safetensors -M tagger/tagger_proto.safetensors   # both, with a selector
     python app.py --host 0.0.0.0                    # reachable from the local network (no login!)
-    curl -F image=@picture.png http://127.0.0.1:7860/api/tag
+    curl -F image=@picture.png -F model=tagger_proto.safetensors http://127.0.0.1:7860/api/tag
 """
 
 from __future__ import annotations
@@ -24,14 +26,16 @@ BATCH_MAX_FILES = 2000        # images per batch request (zip members included)
 BATCH_MAX_MB = 1024           # total size of one batch request, uncompressed (also the upload limit for zips)
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 DEFAULT_THRESHOLD_ARG = "0.3"  # the UI slider's default, used when there is no usable calibration.csv
-# inference.py flags this script shares (same names, same meaning), handed to `inference.load`.
-MODEL_FLAGS = ("model", "metadata", "extension", "no_default_extensions", "original_tags", "seqlen", "device",
-               "dtype")
+# inference.py flags this script shares (same names, same meaning), handed to `inference.load` per model family.
+SHARED_FLAGS = ("device", "dtype")
+JTP3_FLAGS = ("metadata", "extension", "no_default_extensions", "original_tags", "seqlen")
+DINOV3_FLAGS = ("max_size", "exif", "white_background")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hydra.image import DEFAULT_SEQLEN, MAX_SEQLEN, MIN_SEQLEN
+    from hydra.image import DEFAULT_MAX_SIZE, DEFAULT_SEQLEN, MAX_SEQLEN, MIN_SEQLEN
     from hydra.resources import DEFAULT_METADATA, DEFAULT_MODEL
+    from hydra.webservice import MAX_SIZE_MAX, MAX_SIZE_MIN
 
     p = argparse.ArgumentParser(description="JTP-3 Hydra WebUI by Project RedRocket", allow_abbrev=False)
     g = p.add_argument_group("server")
@@ -45,8 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"Largest accepted image, in MiB. (Default: {MAX_UPLOAD_MB})")
     g.add_argument("--url-timeout", type=float, default=URL_TIMEOUT,
                    help=f"Seconds allowed to fetch an image URL. (Default: {URL_TIMEOUT:g})")
-    g = p.add_argument_group("model")
-    g.add_argument("-M", "--model", metavar="PATH", help=f"Path to model file. (Default: {DEFAULT_MODEL})")
+    g = p.add_argument_group("models")
+    g.add_argument("-M", "--model", metavar="PATH", action="append",
+                   help="Path to model file: JTP-3 Hydra, or a DINOv3 tagger checkpoint (recognised from the file). "
+                        "Repeat to serve several: the UI gets a model selector and the API a 'model' field, both "
+                        f"naming models by file name; the first is the default. (Default: {DEFAULT_MODEL})")
+    g.add_argument("-d", "--device", metavar="TORCH_DEVICE",
+                   help="Torch device. (Default: cuda if available, else cpu)")
+    g.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="Compute dtype. (Default: auto = bf16 on GPUs and on CPUs with native bf16, else fp32)")
+    g = p.add_argument_group("JTP-3 models")
     g.add_argument("-m", "--metadata", metavar="PATH",
                    help=f"Path to CSV file with additional tag metadata. (Default: {DEFAULT_METADATA}; '' = none)")
     g.add_argument("-e", "--extension", metavar="PATH", action="append", default=[],
@@ -57,10 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Do not rewrite tags for compatibility with diffusion models.")
     g.add_argument("-S", "--seqlen", type=int, default=DEFAULT_SEQLEN,
                    help=f"Initial NaFlex sequence length. (Default: {DEFAULT_SEQLEN}; {MIN_SEQLEN} to {MAX_SEQLEN})")
-    g.add_argument("-d", "--device", metavar="TORCH_DEVICE",
-                   help="Torch device. (Default: cuda if available, else cpu)")
-    g.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="Compute dtype. (Default: auto = bf16 on GPUs and on CPUs with native bf16, else fp32)")
+    g = p.add_argument_group("DINOv3 tagger models")
+    g.add_argument("--vocab", metavar="PATH", action="append", default=[],
+                   help="Vocabulary JSON of a DINOv3 model; repeatable, matched in order to the DINOv3 models among "
+                        "the -M files. (Default: tagger_vocab_with_categories.json or tagger_vocab.json next to the "
+                        "checkpoint; categories are shown and can be excluded only with the former)")
+    g.add_argument("--max-size", metavar="PX", type=int, default=DEFAULT_MAX_SIZE,
+                   help=f"Initial cap on the long image edge, never upscaled. (Default: {DEFAULT_MAX_SIZE}; "
+                        f"{MAX_SIZE_MIN} to {MAX_SIZE_MAX})")
+    g.add_argument("--exif", action="store_true",
+                   help="Apply EXIF orientation (the published script does not; off for parity).")
+    g.add_argument("--white-background", action="store_true",
+                   help="Composite transparency on white (the published script drops alpha; off for parity).")
     return p
 
 
@@ -82,33 +102,70 @@ def startup_threshold() -> str:
 
 
 def make_web(args: argparse.Namespace):
-    """The model, tag settings and limits for the server, loaded exactly as `inference.py` loads them.
+    """The models, their tag settings and the limits for the server, each model loaded exactly as
+    `inference.py` loads it, one after the other.
 
     Raises:
         CheckpointError, DataFileError, DownloadError, OSError, ValueError: a bad flag or file.
     """
     import inference
+    from hydra.common import log
     from hydra.image import MAX_SEQLEN, MIN_SEQLEN
-    from hydra.webui import Limits, WebTagger
+    from hydra.resources import resolve_model
+    from hydra.tagger import JTP3, detect_family, find_vocab
+    from hydra.webservice import FAMILY_TITLES, MAX_SIZE_MAX, MAX_SIZE_MIN, Limits, WebModel, WebService
 
     if not MIN_SEQLEN <= args.seqlen <= MAX_SEQLEN:
         raise ValueError(f"--seqlen must be between {MIN_SEQLEN} and {MAX_SEQLEN}")
+    if not MAX_SIZE_MIN <= args.max_size <= MAX_SIZE_MAX:
+        raise ValueError(f"--max-size must be between {MAX_SIZE_MIN} and {MAX_SIZE_MAX}")
     if args.max_upload_mb <= 0 or args.url_timeout <= 0:
         raise ValueError("--max-upload-mb and --url-timeout must be positive")
-    # The CLI's own defaults for every inference flag, then this script's model flags on top. The UI owns
-    # the threshold (calibration.csv or the slider), implications and exclusions.
-    load_args = inference.build_parser().parse_args([])
-    for name in MODEL_FLAGS:
-        setattr(load_args, name, getattr(args, name))
-    load_args.threshold = startup_threshold()
-    tagger, settings = inference.load(load_args)
-    if tagger.family != "jtp3":
-        raise ValueError(f"app.py serves JTP-3 Hydra models; '{load_args.model}' is a {tagger.family} tagger "
-                         "(tag with inference.py)")
+    paths = [resolve_model(p) for p in args.model or [None]]
+    families = [detect_family(p) for p in paths]
+    _check_models(args, paths, families)
+    threshold = startup_threshold() if JTP3 in families else None
+    vocabs = iter(args.vocab)
+    models = []
+    for i, (path, family, name) in enumerate(zip(paths, families, model_names(paths)), 1):
+        log(f"Model {i} of {len(paths)}: {name} ({FAMILY_TITLES[family]})")
+        # The CLI's own defaults for every inference flag, then this script's flags for the model's family on
+        # top. The UI owns the selection (calibration.csv, the slider or top k), implications and exclusions.
+        load_args = inference.build_parser().parse_args([])
+        for flag in SHARED_FLAGS + (JTP3_FLAGS if family == JTP3 else DINOV3_FLAGS):
+            setattr(load_args, flag, getattr(args, flag))
+        load_args.model = path
+        if family == JTP3:
+            load_args.threshold = threshold
+        else:
+            load_args.vocab = next(vocabs, None) or find_vocab(path)
+        tagger, settings = inference.load(load_args)
+        models.append(WebModel(name, path, tagger, settings, load_args.vocab))
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=MAX_PIXELS,
                     url_timeout=args.url_timeout, batch_max_files=BATCH_MAX_FILES,
                     batch_max_bytes=BATCH_MAX_MB * 2**20)
-    return WebTagger(tagger, settings, limits)
+    return WebService(models, limits)
+
+
+def _check_models(args: argparse.Namespace, paths: list[str], families: list[str]) -> None:
+    """Flags that cannot apply to the configured models: say so before anything is loaded."""
+    from hydra.tagger import DINOV3, JTP3
+
+    if len({os.path.realpath(p) for p in paths}) < len(paths):
+        raise ValueError("the same model file is given twice with -M")
+    dinos = families.count(DINOV3)
+    if len(args.vocab) > dinos:
+        raise ValueError(f"{len(args.vocab)} --vocab for {dinos} DINOv3 tagger checkpoint(s) among the -M files "
+                         "(each --vocab goes to the next DINOv3 model, in order)")
+    if JTP3 not in families and (args.metadata is not None or args.extension):
+        raise ValueError("-m and -e are for JTP-3 models, and none is configured (a DINOv3 model takes its "
+                         "categories from its vocabulary; for implications use inference.py -m)")
+
+
+def model_names(paths: list[str]) -> list[str]:
+    """What the selector and the API call each model: its file name, or its path when file names repeat."""
+    names = [os.path.basename(p) for p in paths]
+    return [n if names.count(n) == 1 else p for n, p in zip(names, paths)]
 
 
 def main(args: argparse.Namespace) -> int:

@@ -1,11 +1,14 @@
-"""app.py and hydra/webui.py: the web UI's logic in-process, then the real server over HTTP.
+"""app.py, hydra/webservice.py and hydra/webui.py: the web UI's logic in-process, then the real server over HTTP.
 
-In-process (`WebTagger` loaded by `app.make_web`, as `python app.py` does): the UI and the CLI give the
-same tags, calibrations compare probabilities with per-tag thresholds, control changes re-filter without
-running the model, CAM, batch zips, and clear errors for bad files. Then `app.py` runs as a subprocess
-on a free local port (default host 127.0.0.1, a calibration.csv in its folder, an extension) and is
-driven with `gradio_client` and the JSON API: results, 4xx errors, URL fetching from a local server,
-concurrent requests, and the server surviving bad requests. Tiny fixture model; no internet.
+In-process (a `WebService` loaded by `app.make_web`, as `python app.py` does, with a JTP-3 model and two DINOv3
+taggers, one vocabulary with categories and one without): the UI and the CLI give the same tags for both
+families, calibrations compare probabilities with per-tag thresholds, control changes and model switches
+re-filter without running a model twice, top-k selection, DINOv3 categories and exclusion, CAM (and its
+refusal for DINOv3), batch zips, the flag checks made before loading, and clear errors for bad files or
+an unknown model. Then `app.py` runs as a subprocess on a free local port (default host 127.0.0.1, a
+calibration.csv in its folder, an extension, a JTP-3 + DINOv3 pair) and is driven with `gradio_client`
+and the JSON API: results, the `model` field, 4xx errors, URL fetching from a local server, concurrent
+requests, and the server surviving bad requests. Tiny fixture models; no internet.
 
 Run: venv/bin/python -m pytest tests/test_app.py -q   (about 1 minute on 2 CPU cores)
 """
@@ -31,8 +34,10 @@ import requests
 from PIL import Image, ImageDraw
 
 import app
+from hydra.dinov3_fixtures import write_dinov3_checkpoint, write_vocab
 from hydra.fixtures import write_extension, write_model
-from hydra.tags import TagSettings, format_caption, from_symmetric, load_calibration
+from hydra.tags import TagSettings, format_caption, from_symmetric, load_calibration, load_metadata
+from hydra.webservice import NO_CAM, SOURCE_DEFAULT, SOURCE_TOPK, SOURCE_UPLOAD, Limits, UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 TAGS_CSV = ROOT / "data" / "jtp-3-hydra-tags.csv"
@@ -49,6 +54,13 @@ FIXTURE_TAGS = sorted([
     "white_background", "white_body", "yellow_eyes", "zootopia",
 ])
 EXTENSION_TAG = "glowing_tail"
+# The DINOv3 fixture's vocabulary: the same tags in its spelling (spaces) plus some Danbooru ones. Categories are
+# the real e621 ones, except a few left out of the mapping or set to -1 (both shown as "unassigned").
+DINO_TAGS = [t.replace("_", " ") for t in FIXTURE_TAGS] + ["1girl", "hi res", "fate (series)", "\\m/"]
+DINO_CATEGORIES = {**{t.replace("_", " "): c for t, c in load_metadata(TAGS_CSV).category.items()
+                      if t in FIXTURE_TAGS and t not in ("zootopia", "sky")},
+                   "1girl": 0, "hi res": 7, "fate (series)": 3, "\\m/": -1}
+DINO = "tagger_proto.safetensors"  # its name in the selector and the API
 
 
 def cartoon(width: int = 640, height: int = 480) -> Image.Image:
@@ -97,7 +109,15 @@ def make_fixture(folder: Path) -> dict[str, Path]:
                                           implies=["tail"], seed=2)),
         "image": folder / "fox.png", "other": folder / "other.jpg", "corrupt": folder / "corrupt.png",
         "calibration": folder / "calibration.csv", "bad_calibration": folder / "bad.csv",
+        # DINOv3: one checkpoint with its vocabulary beside it (found without --vocab), one without
+        "dino": folder / "dino" / DINO, "dino_vocab": folder / "dino" / "tagger_vocab_with_categories.json",
+        "dino_plain": folder / "dino-plain.safetensors", "plain_vocab": folder / "plain-vocab.json",
     }
+    files["dino"].parent.mkdir()
+    write_dinov3_checkpoint(files["dino"], DINO_TAGS, head="lowrank", seed=5)
+    write_vocab(files["dino_vocab"], DINO_TAGS, DINO_CATEGORIES)
+    write_dinov3_checkpoint(files["dino_plain"], DINO_TAGS, seed=6)
+    write_vocab(files["plain_vocab"], DINO_TAGS)
     cartoon().save(files["image"])
     cartoon(300, 420).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(files["other"], quality=90)
     files["corrupt"].write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0garbage" * 50)
@@ -109,9 +129,10 @@ def make_fixture(folder: Path) -> dict[str, Path]:
     return files
 
 
-def server_args(files: dict[str, Path], *extra: str) -> list[str]:
-    return ["-M", str(files["model"]), "-m", str(TAGS_CSV), "-E", "-e", str(files["extension"].parent),
-            "--dtype", "fp32", *extra]
+def server_args(files: dict[str, Path], *extra: str, models: tuple[str, ...] = ("model", "dino")) -> list[str]:
+    """The JTP-3 fixture model (with metadata and an extension) and the DINOv3 one, in this order."""
+    return [*(a for m in models for a in ("-M", str(files[m]))), "-m", str(TAGS_CSV), "-E",
+            "-e", str(files["extension"].parent), "--dtype", "fp32", *extra]
 
 
 def free_port() -> int:
@@ -164,7 +185,10 @@ def web(fixture_files):
     old = os.getcwd()
     os.chdir(folder)  # calibration.csv is looked up in the current folder, as by the CLI
     try:
-        args = app.build_parser().parse_args(server_args(fixture_files, "--max-upload-mb", "1"))
+        # the first DINOv3 model gets --vocab, the second finds its vocabulary beside its checkpoint
+        args = app.build_parser().parse_args(server_args(
+            fixture_files, "--vocab", str(fixture_files["plain_vocab"]), "--max-upload-mb", "1",
+            models=("model", "dino_plain", "dino")))
         web = app.make_web(args)
     finally:
         os.chdir(old)
@@ -176,80 +200,159 @@ def test_parser_defaults_bind_localhost():
     args = app.build_parser().parse_args([])
     assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)
     assert args.model is None and args.extension == [] and not args.no_default_extensions
+    assert args.vocab == [] and args.max_size == 1024 and not args.exif
+    assert "Repeat to serve several" in " ".join(app.build_parser().format_help().split())
     with pytest.raises(SystemExit):
         app.build_parser().parse_args(["--help"])
 
 
-def test_loads_like_the_cli(web, fixture_files):
-    assert web.labels == [*FIXTURE_TAGS, EXTENSION_TAG]
-    assert web.default_calibration == load_calibration(fixture_files["calibration"])
-    assert web.settings.mode == "inherit"
-    assert [e.label for e in web.tagger.model.extensions] == [EXTENSION_TAG]
+@pytest.fixture(scope="module")
+def jtp(web):
+    return web.model()
 
 
-def test_ui_tags_equal_cli_tags(web, fixture_files):
+@pytest.fixture(scope="module")
+def dino(web):
+    return web.model(DINO)
+
+
+def test_loads_every_model_like_the_cli(web, jtp, dino, fixture_files):
+    assert list(web.models) == ["model.safetensors", "dino-plain.safetensors", DINO]
+    plain = web.model("dino-plain.safetensors")
+    assert web.default is jtp and jtp.family == "jtp3" and dino.family == plain.family == "dinov3"
+    assert jtp.labels == [*FIXTURE_TAGS, EXTENSION_TAG]
+    assert jtp.default_calibration == load_calibration(fixture_files["calibration"])
+    assert jtp.settings.mode == "inherit" and jtp.has_implications and jtp.default_source == SOURCE_DEFAULT
+    assert [e.label for e in jtp.tagger.model.extensions] == [EXTENSION_TAG]
+    # DINOv3: --vocab went to the first DINOv3 model, the second found its own; calibration.csv is JTP-3's only
+    assert plain.vocab_path == str(fixture_files["plain_vocab"]) and dino.vocab_path == str(fixture_files["dino_vocab"])
+    assert dino.labels == plain.labels == DINO_TAGS
+    assert dino.has_categories and not plain.has_categories and not dino.has_implications
+    assert dino.default_calibration is None and dino.default_mode == "off"
+    assert (dino.default_source, dino.default_topk, dino.default_size) == (SOURCE_TOPK, 30, 1024)
+    assert SOURCE_DEFAULT not in dino.sources
+
+
+def test_ui_tags_equal_cli_tags(web, jtp, fixture_files):
     data = fixture_files["image"].read_bytes()
-    key = web.add_image(data, "fox.png")
-    probs = web.probabilities(key, 1024)
-    cli_probs = web.tagger.predict_samples([web.tagger.preprocess(str(fixture_files["image"]))])[0]
+    key = web.add_image(data, "fox.png", jtp, 1024)
+    probs = web.probabilities(jtp, key, 1024)
+    cli_probs = jtp.tagger.predict_samples([jtp.tagger.preprocess(str(fixture_files["image"]))])[0]
     np.testing.assert_array_equal(probs, cli_probs)
     for threshold in (-0.5, 0.0, 0.3):
-        cli = TagSettings(web.labels, web.settings.metadata, web.settings.rewrite, from_symmetric(threshold),
+        cli = TagSettings(jtp.labels, jtp.settings.metadata, jtp.settings.rewrite, from_symmetric(threshold),
                           "inherit", [7]).rules()  # what `inference.py -t T -x meta` applies
-        ui = web.classify(probs, web.rules(threshold, mode="inherit", exclude=["meta"]))
+        ui = jtp.classify(probs, jtp.rules(threshold, mode="inherit", exclude=["meta"]))
         assert dict(ui) == cli.classify(probs)
         assert [p for _, p in ui] == sorted((p for _, p in ui), reverse=True)
-        assert not any(web.category_name(t) == "meta" for t, _ in ui)
+        assert not any(jtp.category_name(t) == "meta" for t, _ in ui)
 
 
-def test_calibration_compares_probabilities_per_tag(web, fixture_files):
+def test_dinov3_tags_equal_cli_tags(web, dino, fixture_files):
     key = web.add_image(fixture_files["image"].read_bytes(), "fox.png")
-    probs = web.probabilities(key, 1024)
-    cal = web.default_calibration
-    tags = dict(web.classify(probs, web.rules(source=app_source("default"), mode="off")))
-    expected = {t for t, thr in cal.items() if probs[web.position[t]] >= thr}
+    probs = web.probabilities(dino, key, 1024)
+    cli_probs = dino.tagger.predict_samples([dino.tagger.preprocess(str(fixture_files["image"]))])[0]
+    np.testing.assert_array_equal(probs, cli_probs)  # no EXIF, alpha dropped: the published preprocessing
+    top = dino.classify(probs, dino.rules(source=dino.default_source))
+    assert len(top) == 30 and dict(top) == dino.settings.rules().classify(probs)  # `inference.py -M ...`: top 30
+    cli = TagSettings(dino.labels, dino.settings.metadata, dino.settings.rewrite, from_symmetric(-0.2), "off",
+                      [5, 7]).rules()  # `inference.py -M ... -t -0.2 -x species -x meta`
+    ui = dino.classify(probs, dino.rules(-0.2, exclude=["species", "meta"]))
+    assert dict(ui) == cli.classify(probs) and ui
+    assert {dino.category_name(t) for t, _ in ui} <= {"general", "character", "copyright", "lore", "unassigned"}
+
+
+def test_calibration_compares_probabilities_per_tag(web, jtp, fixture_files):
+    key = web.add_image(fixture_files["image"].read_bytes(), "fox.png")
+    probs = web.probabilities(jtp, key, 1024)
+    cal = jtp.default_calibration
+    tags = dict(jtp.classify(probs, jtp.rules(source=SOURCE_DEFAULT, mode="off")))
+    expected = {t for t, thr in cal.items() if probs[jtp.position[t]] >= thr}
     assert set(tags) == expected  # p >= threshold (not 2p - 1), and uncalibrated tags never pass
     assert set(tags) <= set(cal)
-    uploaded = web.load_calibration(str(fixture_files["calibration"]))
-    assert dict(web.classify(probs, web.rules(source=app_source("upload"), calibration=uploaded, mode="off"))) == tags
+    uploaded = jtp.load_calibration(str(fixture_files["calibration"]))
+    assert dict(jtp.classify(probs, jtp.rules(source=SOURCE_UPLOAD, calibration=uploaded, mode="off"))) == tags
 
 
-def app_source(kind: str) -> str:
-    from hydra import webui
+def test_dinov3_calibration_upload(web, dino, fixture_files, tmp_path):
+    path = tmp_path / "dino.csv"
+    path.write_text("tag,threshold\nred fox,0.01\nfate (series),0.02\nsky,0.99\n", encoding="utf-8")
+    cal = dino.load_calibration(str(path))
+    probs = web.probabilities(dino, web.add_image(fixture_files["image"].read_bytes(), "fox.png"), 1024)
+    tags = dict(dino.classify(probs, dino.rules(source=SOURCE_UPLOAD, calibration=cal)))
+    assert set(tags) == {t for t, thr in cal.items() if probs[dino.position[t]] >= thr} and "red fox" in tags
+    with pytest.raises(UserError, match="calibration.csv is for JTP-3 models"):
+        dino.rules(source=SOURCE_DEFAULT)
 
-    return {"slider": webui.SOURCE_SLIDER, "default": webui.SOURCE_DEFAULT, "upload": webui.SOURCE_UPLOAD}[kind]
 
-
-def test_control_changes_reuse_the_cached_probabilities(web, fixture_files):
+def test_control_changes_and_model_switches_reuse_the_cached_probabilities(web, jtp, dino, fixture_files):
     data = fixture_files["other"].read_bytes()
     key = web.add_image(data, "other.jpg")
     calls = web.model_calls
-    first = web.probabilities(key, 1024)
+    first = web.probabilities(jtp, key, 1024)
     assert web.model_calls == calls + 1
     for threshold, mode, exclude in ((0.9, "off", []), (-1.0, "constrain", ["species"]), (0.1, "remove", [])):
-        web.classify(web.probabilities(key, 1024), web.rules(threshold, mode=mode, exclude=exclude))
+        jtp.classify(web.probabilities(jtp, key, 1024), jtp.rules(threshold, mode=mode, exclude=exclude))
     assert web.add_image(data, "again.jpg") == key
-    np.testing.assert_array_equal(web.probabilities(key, 1024), first)
+    np.testing.assert_array_equal(web.probabilities(jtp, key, 1024), first)
     assert web.model_calls == calls + 1  # re-filtering never ran the model again
-    web.probabilities(key, 256)  # a new sequence length does
+    web.probabilities(jtp, key, 256)  # a new sequence length does
     assert web.model_calls == calls + 2
+    # another model runs once for the same image (same size number, different meaning); switching back and
+    # forth after that only re-filters
+    assert web.probabilities(dino, key, 1024).shape == (len(DINO_TAGS),)
+    for model in (jtp, dino, jtp, dino):
+        web.probabilities(model, key, 1024)
+    assert web.model_calls == calls + 3 and dino.calls >= 1
+    web.probabilities(dino, key, 512)  # a new max size runs it again
+    assert web.model_calls == calls + 4
+
+
+def test_topk_selection(web, jtp, fixture_files):
+    probs = web.probabilities(jtp, web.add_image(fixture_files["image"].read_bytes(), "fox.png"), 1024)
+    top = jtp.classify(probs, jtp.rules(source=SOURCE_TOPK, topk=5, mode="off"))
+    assert [t for t, _ in top] == [jtp.labels[i] for i in np.argsort(-probs, kind="stable")[:5]]
+    assert len(jtp.classify(probs, jtp.rules(source=SOURCE_TOPK, topk="1000", mode="off"))) == len(jtp.labels)
+    for bad in (0, "x", 2.5, float("nan")):
+        with pytest.raises(UserError, match="Top k must be a whole number"):
+            jtp.rules(source=SOURCE_TOPK, topk=bad)
+
+
+def test_dinov3_categories_grouping_and_what_is_not_available(web, dino, fixture_files):
+    from hydra import webui
+
+    plain = web.model("dino-plain.safetensors")
+    assert dino.category_name("red fox") == "species" and dino.category_name("fate (series)") == "copyright"
+    assert dino.category_name("\\m/") == dino.category_name("sky") == "unassigned"  # -1, and not in the file
+    assert plain.category_name("red fox") is None
+    key = web.add_image(fixture_files["image"].read_bytes(), "fox.png")
+    every = dino.classify(web.probabilities(dino, key, 1024), dino.rules(-1.0))
+    assert len(every) == len(DINO_TAGS)
+    groups = webui._groups_html(dino, every)
+    assert "<h4>species (" in groups and "<h4>unassigned (" in groups and "<h4>copyright (1)" in groups
+    assert "Categories are unknown" in webui._groups_html(plain, every)
+    with pytest.raises(UserError, match="needs tag categories, which 'dino-plain.safetensors' does not have"):
+        plain.rules(exclude=["meta"])
+    with pytest.raises(UserError, match="implication data"):
+        dino.rules(mode="inherit")
+    with pytest.raises(UserError, match=r"CAM is available for JTP-3 models; 'tagger_proto.safetensors' is a DINOv3"):
+        web.cam(dino, key, 1024, "red fox", 1)
+    assert web.cam(dino, key, 1024, NO_CAM, 1) is web.entry(key).display
+    with pytest.raises(UserError, match=r"Unknown model 'nope'; choose from 'model.safetensors', 'dino-plain"):
+        web.model("nope")
 
 
 @pytest.mark.parametrize("bad, message", [
     ({"threshold": 1.5}, "between -1 and 1"), ({"threshold": "abc"}, "between -1 and 1"),
     ({"mode": "sideways"}, "Unknown implications mode"), ({"exclude": ["nope"]}, "Unknown category"),
-    ({"source": "somewhere"}, "Unknown threshold source"), ({"source": "Uploaded calibration"}, "Upload a calibration"),
+    ({"source": "somewhere"}, "Unknown threshold source"), ({"source": SOURCE_UPLOAD}, "Upload a calibration"),
 ])
-def test_rules_reject_bad_settings(web, bad, message):
-    from hydra.webui import UserError
-
+def test_rules_reject_bad_settings(jtp, bad, message):
     with pytest.raises(UserError, match=message):
-        web.rules(**bad)
+        jtp.rules(**bad)
 
 
-def test_bad_inputs_give_clear_errors(web, fixture_files, tmp_path):
-    from hydra.webui import UserError
-
+def test_bad_inputs_give_clear_errors(web, jtp, fixture_files, tmp_path):
     with pytest.raises(UserError, match="Not a usable image"):
         web.add_image(fixture_files["corrupt"].read_bytes(), "corrupt.png")
     with pytest.raises(UserError, match="No image"):
@@ -262,29 +365,27 @@ def test_bad_inputs_give_clear_errors(web, fixture_files, tmp_path):
     with pytest.raises(UserError, match="Could not fetch the URL: only http"):
         web.fetch("file:///etc/passwd")
     with pytest.raises(UserError, match=r"Wrong calibration file: bad.csv: line 2: 'threshold' must be between"):
-        web.load_calibration(str(fixture_files["bad_calibration"]))
+        jtp.load_calibration(str(fixture_files["bad_calibration"]))
     binary = tmp_path / "cal.csv"
     binary.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(UserError, match="Wrong calibration file"):
-        web.load_calibration(str(binary))
+        jtp.load_calibration(str(binary))
     with pytest.raises(UserError, match="left the server's cache"):
         web.entry("0" * 64)
 
 
-def test_cam_overlay_on_the_display_image(web, fixture_files):
+def test_cam_overlay_on_the_display_image(web, jtp, fixture_files):
     key = web.add_image(fixture_files["image"].read_bytes(), "fox.png")
-    plain = web.cam(key, 1024, "(none)", 1)
+    plain = web.cam(jtp, key, 1024, NO_CAM, 1)
     assert plain.size == (640, 480)
-    over = web.cam(key, 1024, "red fox", 2)  # display spelling (spaces) is accepted, as in the dropdown
+    over = web.cam(jtp, key, 1024, "red fox", 2)  # display spelling (spaces) is accepted, as in the dropdown
     assert over.size == plain.size
     assert np.abs(np.asarray(over, float) - np.asarray(plain, float)).mean() > 5
-    from hydra.webui import UserError
-
     with pytest.raises(UserError, match="Unknown tag"):
-        web.cam(key, 1024, "no such tag", 1)
+        web.cam(jtp, key, 1024, "no such tag", 1)
 
 
-def test_batch_zip_and_csv(web, fixture_files, tmp_path):
+def test_batch_zip_and_csv(web, jtp, fixture_files, tmp_path):
     zpath = tmp_path / "set.zip"
     with zipfile.ZipFile(zpath, "w") as zf:
         zf.writestr("sub/fox.png", fixture_files["image"].read_bytes())
@@ -294,34 +395,69 @@ def test_batch_zip_and_csv(web, fixture_files, tmp_path):
         zf.writestr("__MACOSX/._fox.png", b"resource fork")
     loose = tmp_path / "fox.png"
     loose.write_bytes(fixture_files["image"].read_bytes())
-    rules = web.rules(0.0, mode="inherit")
+    rules = jtp.rules(0.0, mode="inherit")
     seen = []
-    zip_path, csv_path, summary = web.batch([str(loose), str(zpath)], rules, 1024, lambda d, n: seen.append((d, n)))
+    zip_path, csv_path, summary = web.batch(jtp, [str(loose), str(zpath)], rules, 1024,
+                                            lambda d, n: seen.append((d, n)))
     assert summary.startswith("Tagged 3 images, 1 failed.") and "broken.png" in summary
     assert seen[-1] == (4, 4)
     with zipfile.ZipFile(zip_path) as zf:
         names = sorted(zf.namelist())
         assert names == ["escape.txt", "fox.txt", "sub/fox.txt"]
-        expected = format_caption(rules.classify(web.probabilities(web.add_image(loose.read_bytes(), "f"), 1024)))
+        key = web.add_image(loose.read_bytes(), "f")
+        expected = format_caption(rules.classify(web.probabilities(jtp, key, 1024)))
         assert zf.read("fox.txt").decode() == zf.read("sub/fox.txt").decode() == expected
     with open(csv_path, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["filename", *web.labels] and len(rows) == 4
+    assert rows[0] == ["filename", *jtp.labels] and len(rows) == 4
     assert {r[0] for r in rows[1:]} == {"fox.png", "sub/fox.png", "escape.jpg"}
 
 
-def test_batch_limits(web, fixture_files, tmp_path):
-    from hydra.webui import Limits, UserError, WebTagger
+def test_dinov3_batch(web, dino, fixture_files, tmp_path):
+    rules = dino.rules(source=SOURCE_TOPK)
+    zip_path, csv_path, summary = web.batch(dino, [str(fixture_files["image"]), str(fixture_files["other"])], rules,
+                                            1024)
+    assert summary == "Tagged 2 images, 0 failed."
+    key = web.add_image(fixture_files["image"].read_bytes(), "fox.png")
+    with zipfile.ZipFile(zip_path) as zf:
+        caption = zf.read("fox.txt").decode()
+    assert caption == format_caption(rules.classify(web.probabilities(dino, key, 1024)))  # the .txt caption spelling
+    assert len(caption.split(", ")) == 30 and "(" not in caption.replace("\\(", "")  # escaped parentheses
+    assert Path(csv_path).read_text(encoding="utf-8").splitlines()[0] == ",".join(["filename", *DINO_TAGS])
 
-    small = WebTagger(web.tagger, web.settings, Limits(2**20, 10**8, 5.0, batch_max_files=2, batch_max_bytes=2**30))
+
+def test_batch_limits(web, jtp, fixture_files, tmp_path):
+    from hydra.webservice import WebService
+
+    small = WebService([jtp], Limits(2**20, 10**8, 5.0, batch_max_files=2, batch_max_bytes=2**30))
     try:
         paths = [str(fixture_files["image"])] * 3
         with pytest.raises(UserError, match="at most 2"):
-            small.batch(paths, small.rules(), 1024)
+            small.batch(jtp, paths, jtp.rules(), 1024)
         with pytest.raises(UserError, match="No images"):
-            small.batch([], small.rules(), 1024)
+            small.batch(jtp, [], jtp.rules(), 1024)
     finally:
         small.close()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["-M", "{model}", "-M", "{model}"], "given twice"),
+    (["-M", "{model}", "--vocab", "{plain_vocab}"], "1 --vocab for 0 DINOv3 tagger checkpoint(s)"),
+    (["-M", "{dino}", "-e", "{extension}"], "-m and -e are for JTP-3 models"),
+    (["-M", "{dino}", "--max-size", "8"], "--max-size must be between 64 and 4096"),
+    (["-M", "{model}", "-M", "{dino_plain}"], "give its vocabulary with --vocab"),
+])
+def test_startup_fails_in_one_line_before_serving(fixture_files, capsys, flags, message):
+    args = app.build_parser().parse_args([f.format(**fixture_files) for f in flags])
+    assert app.main(args) == 2  # nothing is served
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and message in err and "Traceback" not in err
+
+
+def test_model_names_are_file_names_unless_they_repeat():
+    assert app.model_names(["models/a.safetensors", "b.pt"]) == ["a.safetensors", "b.pt"]
+    assert app.model_names(["x/m.safetensors", "y/m.safetensors", "m.pt"]) == ["x/m.safetensors", "y/m.safetensors",
+                                                                               "m.pt"]
 
 
 # -- the real server ------------------------------------------------------------------------------------
@@ -379,7 +515,17 @@ def test_health_reports_model_and_tags(server):
     assert health["status"] == "ok" and health["tags"] == len(FIXTURE_TAGS) + 1
     assert health["model"] == "model.safetensors" and health["extensions"] == [EXTENSION_TAG]
     assert health["calibration"] is True
-    assert "Serving the web UI on http://127.0.0.1:" in (folder / "server.log").read_text()
+    # every model, the default (first) one at the top level as well
+    jtp, dino = health["models"]
+    assert {k: jtp[k] for k in ("model", "family", "seqlen", "cam")} == {"model": "model.safetensors", "family": "jtp3",
+                                                                       "seqlen": 1024, "cam": True}
+    assert {k: dino[k] for k in ("model", "family", "tags", "max_size", "calibration", "categories", "implications",
+                                 "cam", "extensions")} == {
+        "model": DINO, "family": "dinov3", "tags": len(DINO_TAGS), "max_size": 1024, "calibration": False,
+        "categories": True, "implications": False, "cam": False, "extensions": []}
+    log = (folder / "server.log").read_text()
+    assert "Serving the web UI on http://127.0.0.1:" in log
+    assert "Model 1 of 2: model.safetensors (JTP-3 Hydra)" in log and f"Model 2 of 2: {DINO} (DINOv3 tagger)" in log
 
 
 def test_api_tag_multipart(server):
@@ -398,6 +544,26 @@ def test_api_tag_multipart(server):
     assert {t["tag"] for t in high["tags"]} <= {t["tag"] for t in body["tags"]}
     no_species = api_tag(url, image, threshold="-0.5", exclude="species,meta").json()
     assert no_species["tags"] and all(t["category"] not in ("species", "meta") for t in no_species["tags"])
+
+
+def test_api_dinov3_model_field(server):
+    url, files, _ = server
+    image = files["image"].read_bytes()
+    body = api_tag(url, image, model=DINO).json()
+    assert body["model"] == DINO and len(body["tags"]) == 30  # the DINOv3 default: its CLI's top 30
+    assert all(t["tag"] in DINO_TAGS for t in body["tags"]) and body["caption"] == format_caption(
+        {t["tag"]: t["probability"] for t in body["tags"]})
+    cats = {t["tag"]: t["category"] for t in body["tags"]}
+    assert set(cats.values()) <= {"general", "artist", "copyright", "character", "species", "meta", "lore",
+                                  "unassigned"}
+    assert cats.get("red fox", "species") == "species" and cats.get("sky", "unassigned") == "unassigned"
+    every = api_tag(url, image, model=DINO, threshold="-1").json()["tags"]
+    assert len(every) == len(DINO_TAGS)
+    no_species = api_tag(url, image, model=DINO, threshold="-1", exclude="species").json()["tags"]
+    assert no_species and len(no_species) < len(every) and all(t["category"] != "species" for t in no_species)
+    assert len(api_tag(url, image, model=DINO, topk="3").json()["tags"]) == 3
+    top = api_tag(url, image, topk="4").json()  # top k works for JTP-3 too; no model = the first one
+    assert top["model"] == "model.safetensors" and len(top["tags"]) == 4
 
 
 def test_api_default_uses_calibration_csv(server):
@@ -427,6 +593,11 @@ def test_api_errors_are_4xx_json_and_the_server_keeps_serving(server):
         (api_tag(url, image, implications="sideways"), 400, "implications mode"),
         (api_tag(url, image, exclude="nope"), 400, "Unknown category"),
         (api_tag(url), 400, "Send an 'image' file"),
+        (api_tag(url, image, model="nope"), 400, "Unknown model 'nope'; choose from 'model.safetensors', "),
+        (api_tag(url, image, model=DINO, implications="inherit"), 400, "implication data"),
+        (api_tag(url, image, threshold="0.2", topk="3"), 400, "either 'threshold' or 'topk'"),
+        (api_tag(url, image, topk="0"), 400, "Top k must be a whole number"),
+        (requests.post(url + "/api/tag", json={"url": "http://x", "model": 3}), 400, "'model' must be a string"),
         (requests.post(url + "/api/tag", data=b"hello", headers={"Content-Type": "text/plain"}), 415, "multipart"),
         (requests.post(url + "/api/tag", data=b"{", headers={"Content-Type": "application/json"}), 400, "JSON"),
         (requests.post(url + "/api/tag", data=b"--x\r\ngarbage",
@@ -476,6 +647,36 @@ def test_gradio_client_tags_like_the_json_api(client, server):
 
     overlay = client.predict(1024, "red fox", 2, api_name="/cam")
     assert Image.open(overlay).size == (640, 480)
+
+
+def test_gradio_client_model_switches(client, server):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    url, files, _ = server
+    image = files["image"].read_bytes()
+    out = client.predict(handle_file(str(files["image"])), 0.3, "Top k", "off", [], 1024, "(none)", 1, model=DINO,
+                         max_size=1024, topk=30, api_name="/tag_image")
+    shown, caption, label, groups, download, status = out
+    assert caption == api_tag(url, image, model=DINO).json()["caption"]
+    assert status.startswith(f"{DINO}: 30 of {len(DINO_TAGS)} tags pass (top 30); max size 1024")
+    assert "<h4>species" in groups and "<h4>unassigned" in groups
+
+    jtp_caption = client.predict(0.1, "Threshold slider", "inherit", [], 1024, model="model.safetensors",
+                                 api_name="/refilter")[0]
+    assert jtp_caption == api_tag(url, image, threshold="0.1").json()["caption"]
+    calls = requests.get(url + "/api/health", timeout=10).json()["model_calls"]
+    for model in (DINO, "model.safetensors", DINO):  # both cached now: switching only re-filters
+        client.predict(0.1, "Top k", "off", [], 1024, model=model, topk=5, api_name="/refilter")
+    assert requests.get(url + "/api/health", timeout=10).json()["model_calls"] == calls
+    five = client.predict(0.1, "Top k", "off", [], 1024, model=DINO, topk=5, api_name="/refilter")[0]
+    assert five == api_tag(url, image, model=DINO, topk="5").json()["caption"] and len(five.split(", ")) == 5
+    with pytest.raises(AppError, match="CAM is available for JTP-3 models"):
+        client.predict(1024, "red fox", 1, model=DINO, api_name="/cam")
+    with pytest.raises(AppError, match="implication data"):
+        client.predict(0.1, "Top k", "inherit", [], 1024, model=DINO, api_name="/refilter")
+    with pytest.raises(AppError, match="Unknown model .*nope.*; choose from .*model.safetensors"):
+        client.predict(0.1, "Top k", "off", [], 1024, model="nope", api_name="/refilter")
 
 
 def test_gradio_client_calibration_upload(client, server):
@@ -529,3 +730,8 @@ def test_gradio_client_batch(client, server, tmp_path):
     with zipfile.ZipFile(zip_out) as zf:
         assert sorted(zf.namelist()) == ["a/fox.txt", "b/other.txt"]
     assert len(Path(csv_out).read_text(encoding="utf-8").splitlines()) == 3
+    zip_out, csv_out, summary = client.predict([handle_file(str(zpath))], 0.0, "Top k", "off", [], 1024, model=DINO,
+                                               max_size=512, topk=3, api_name="/batch")
+    with zipfile.ZipFile(zip_out) as zf:
+        assert [len(zf.read(n).decode().split(", ")) for n in sorted(zf.namelist())] == [3, 3]
+    assert Path(csv_out).read_text(encoding="utf-8").splitlines()[0] == ",".join(["filename", *DINO_TAGS])

@@ -1,8 +1,10 @@
 """The web UI in a real browser: Playwright drives Debian's Chromium (headless) against `python app.py`.
 
 It uploads an image, reads the tags, moves the threshold (the tag counts must equal the JSON API's), clicks
-a tag to show its CAM, saves a screenshot and checks that the overlay is in it, uploads a corrupt file
-(a message, not a traceback), and checks that the page fetched nothing from outside 127.0.0.1 (offline).
+a tag to show its CAM, saves a screenshot and checks that the overlay is in it, switches the model selector
+(two models are served) to the DINOv3 tagger (its top 30, max size instead of sequence length, no CAM),
+uploads a corrupt file (a message, not a traceback), and checks that the page fetched nothing from outside
+127.0.0.1 (offline).
 
 Needs /usr/bin/chromium (`apt-get install -y chromium`); never `playwright install`. Set
 HYDRA_WEBUI_SCREENSHOT=docs/webui.png to refresh the README screenshot.
@@ -21,7 +23,7 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
-from test_app import make_fixture, server_args, start_server, stop_server
+from test_app import DINO, make_fixture, server_args, start_server, stop_server
 
 from hydra.cam import DESATURATE
 
@@ -101,6 +103,16 @@ def test_browser_upload_threshold_cam_screenshot(server, tmp_path):
             check_overlay(plain, image_box(page, Image.open(shot_path)))
             if target := os.environ.get("HYDRA_WEBUI_SCREENSHOT"):
                 shutil.copyfile(shot_path, target)
+
+            # the model selector (two models are served): the DINOv3 tagger gives its top 30, swaps the
+            # sequence length for the max size, and has no CAM
+            page.locator("#model input").click()
+            page.locator(f"ul[role=listbox] li:has-text('{DINO}')").click()
+            page.wait_for_function("s => document.querySelector('#status').textContent.trim().startsWith(s)",
+                                   arg=f"{DINO}: 30 of ")
+            assert len(page.locator("#caption textarea").input_value().split(", ")) == 30
+            assert page.locator("#cam-note").is_visible() and not page.locator("#cam-tag").is_visible()
+            assert page.locator("#max-size").is_visible() and not page.locator("#seqlen").is_visible()
 
             # a corrupt upload is a message in the UI, and the server keeps serving
             page.locator("#image button[aria-label='Remove Image']").first.click()
