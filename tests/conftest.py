@@ -39,6 +39,14 @@ def tiny_model(tmp_path_factory, tags) -> str:
 
 
 @pytest.fixture(scope="session")
+def full_size_model(tmp_path_factory, tags) -> str:
+    """A random model with every key, shape, dtype and metadata field of the real file (~1 GB)."""
+    from hydra.fixtures import write_model
+
+    return write_model(tmp_path_factory.mktemp("full") / "jtp-3-hydra.safetensors", tags, full_size=True)
+
+
+@pytest.fixture(scope="session")
 def small_model(tmp_path_factory) -> tuple[str, list[str]]:
     """A tiny model over 12 made-up tags, for tests that look at individual tags."""
     from hydra.fixtures import write_model

@@ -179,3 +179,11 @@ def test_interactive_mode_through_stdin(small_model, tmp_path):
     scores = [float(line.split("%")[0].split()[-1]) for line in lines]
     assert scores == sorted(scores, reverse=True) and all(line.startswith("  ") for line in lines)
     assert "'nonexistent.png': file not found" in out
+
+
+@pytest.mark.slow
+def test_full_size_model_tags_a_folder(full_size_model, image_folder):
+    """The exact real file format, loaded strictly by the CLI, captions a folder on CPU."""
+    run = cli("-M", full_size_model, "-w", "0", "-S", "256", "-r", "-t", "-1", image_folder, check_rc=0)
+    assert "7504 tags" in run.stderr and "Tagged 3 images, 0 failed." in run.stderr
+    assert len((image_folder / "sub" / "c.txt").read_text(encoding="utf-8").split(", ")) > 100

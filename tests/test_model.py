@@ -184,12 +184,12 @@ def test_state_dict_keys_are_the_release_names(model_file):
 
 
 @pytest.mark.slow
-def test_full_size_random_model_in_the_real_format(tmp_path, tags):
+def test_full_size_random_model_in_the_real_format(full_size_model, tags):
     """The real layout: 336 bf16 tensors, 501,225,712 parameters, no test-only metadata; loads strictly
     and tags an image on CPU."""
     from safetensors import safe_open
 
-    path = write_model(tmp_path / "jtp-3-hydra.safetensors", tags, full_size=True)
+    path = full_size_model
     with safe_open(path, "pt") as f:
         keys = list(f.keys())
         meta = f.metadata()
