@@ -75,10 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--format", choices=FORMATS,
                    help="Print each image's tags to standard output in this format instead of writing .txt "
                         "captions (json: one array at the end; jsonl: one object per line).")
-    g.add_argument("--existing", choices=EXISTING, default="overwrite",
+    g.add_argument("--existing", choices=EXISTING,
                    help="What to do with a .txt caption that already exists: overwrite it (the original's "
                         "behaviour), skip the image (so rerunning a stopped run finishes it), or append the new "
-                        "tags it lacks. (Default: overwrite)")
+                        "tags it lacks. (Default: overwrite; skip with --ray, whose jobs are made to be resumed)")
     g.add_argument("--shuffle", action="store_true",
                    help="Shuffle the tags of each caption randomly, as the original does. "
                         "(Default: most probable first)")
@@ -223,9 +223,11 @@ def main(args: argparse.Namespace) -> int:
     scan_errors: list[str] = []
     paths = list(iter_images(args.paths, args.recursive, scan_errors))
     skipped = 0
-    if args.existing != "overwrite" and (args.output or args.format):
+    captions = not (args.output or args.format)
+    if args.existing not in (None, "overwrite") and not captions:
         log(f"note: --existing {args.existing} applies to .txt captions; -o/--format output is written in full")
-    elif args.existing == "skip":
+    args.existing = args.existing or ("skip" if args.ray is not None else "overwrite")
+    if args.existing == "skip" and captions:
         todo = [p for p in paths if not os.path.exists(caption_path(p))]
         skipped, paths = len(paths) - len(todo), todo
     if args.ray is not None:  # the same run on Ray Data; exits 2 with an install hint when Ray is missing

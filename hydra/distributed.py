@@ -470,7 +470,7 @@ def _execute(plan: _Plan, args: argparse.Namespace, pool: tuple[int, dict[str, f
     except Exception as e:  # a Ray failure (a lost node, an actor that cannot load): one line, then exit 1
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         bar.write(f"error: the Ray run failed: {first}", file=sys.stderr)
-        bar.write("Finished outputs are kept: rerun to do the rest (captions: add --existing skip).", file=sys.stderr)
+        bar.write("Finished outputs are kept: rerun the same command to do the rest.", file=sys.stderr)
     finally:
         bar.close()
         if plan.stdout_sink is not None:

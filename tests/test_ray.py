@@ -202,12 +202,11 @@ def test_captions_match_single_process(tiny_model, images, inputs, reference, cl
     assert failures(err) == failures(single.stderr) and len(failures(err)) == len(BROKEN) + 1
     assert summary_line(err) == summary_line(single.stderr) == f"Tagged {N_IMAGES} images, 4 failed."
 
-    # resuming a caption run is --existing skip, as in a single-process run; this time on a local instance
+    # a rerun of a caption job resumes (with --ray, --existing defaults to skip); this time on a local instance
     kept = {p: p.read_bytes() for p in captions[7:]}
     for p in captions[:7]:
         p.unlink()
-    run = ray_cli(tiny_model, "--ray-cpus", "2", "--ray-object-store", "0.2", "-t", "-0.4", "--existing", "skip",
-                  *inputs)
+    run = ray_cli(tiny_model, "--ray-cpus", "2", "--ray-object-store", "0.2", "-t", "-0.4", *inputs)
     assert summary_line(run.stderr) == f"Tagged 7 images, {N_IMAGES - 7} skipped, 4 failed."
     assert_captions_within(bounds, images)
     assert all(p.read_bytes() == data for p, data in kept.items())
