@@ -11,6 +11,9 @@ mapping is needed. What differs from timm's defaults, and why:
 - Built on the meta device: timm's random init of ~430M parameters costs seconds and is thrown away; the
   weights are assigned straight from the file instead (spec §15.3).
 - LayerNorm eps is timm's 1e-6, as in the release (the later upstream used 1e-5; spec §1.2).
+- Attention always takes timm's fused path (`F.scaled_dot_product_attention`), whatever `TIMM_FUSED_ATTN`
+  says: it is the release's path, keeps the scores in fp32, and on CPU its flash kernel ran ~2.5x faster
+  than timm's manual attention in bf16 (measured on a 2-core Zen 4 at 1,024 tokens: 62 vs 24 GFLOP/s).
 
 Test models: `overrides` (from the file's `hydra.backbone` metadata) change `embed_dim`, `depth`,
 `num_heads` or `mlp_ratio` and keep every key name.
@@ -46,4 +49,7 @@ def create_backbone(overrides: dict[str, Any] | None = None, device: str | torch
             pos_embed_interp_mode="bilinear", use_key_only_attn_mask=True, fix_init=False,
             dtype=dtype, **overrides,
         )
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = True
     return model

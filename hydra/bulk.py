@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from .batching import group_by_length, sample_length
 from .common import AtomicFile, atomic_write
 from .loader import ImageLoader, LoadError
 from .tags import TagRules, format_caption
@@ -271,18 +272,16 @@ def run_bulk(predict: Callable[[list[dict], np.ndarray | None], np.ndarray], pre
 
 def _batches(results: Iterable[tuple[str, dict | LoadError]], size: int, summary: Summary,
              bar: tqdm) -> Iterator[list[tuple[str, dict]]]:
-    batch: list[tuple[str, dict]] = []
-    for path, sample in results:
-        if isinstance(sample, LoadError):
-            _fail(summary, path, str(sample), bar)
-            bar.update(1)
-            continue
-        batch.append((path, sample))
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+    def loaded() -> Iterator[tuple[str, dict]]:
+        for path, sample in results:
+            if isinstance(sample, LoadError):
+                _fail(summary, path, str(sample), bar)
+                bar.update(1)
+                continue
+            yield path, sample
+
+    # Similar lengths batched together (little padding); the first image still goes alone (hydra/batching.py).
+    yield from group_by_length(loaded(), size, lambda item: sample_length(item[1]))
 
 
 def _fail(summary: Summary, path: str, reason: str, bar: tqdm | None) -> None:

@@ -11,9 +11,8 @@ number of images):
 
 Everything that decides an output is the engine's own code, so outputs equal a single-process run's: captions
 are written by `CaptionSink`, CSV shards are `CsvSink` files (same header, `%.4f`), the actors are built by
-`inference.load` from the same parsed command line. What differs is which images share a batch (padding) and
-how many images each actor has served (the head's fold, hydra/head.py): float rounding, as between two
-single-process runs.
+`inference.load` from the same parsed command line. What differs is which images share a batch (padding):
+float rounding, as between two single-process runs with different batch sizes.
 
 Shards (`-o DIR`): `DIR/part-<id>.<csv|jsonl|parquet>`, each written atomically (a hidden temporary, then a
 rename), plus `DIR/_index/part-<id>.<ext>.json` (the absolute input paths in the shard, written before the

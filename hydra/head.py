@@ -9,8 +9,15 @@ Parameter names and layouts are a file format: `q` (H, T, E), `kv.weight` (2A, D
 rows, `ff_norm`, `ff_in.weight` (2F, A) with the activated half first, `ff_out.weight` (A, F), and
 `out_proj.weight` (T, A, 2) stored (in, out). Every dimension is read from these shapes.
 
+Speed (the head costs ~0.6 TFLOP per image whatever the image size, almost all of it the feed-forward over
+7,504 tags; measured on a 2-core Zen 4 with AVX512-BF16):
+- Tags are independent once K and V exist, so they run in chunks of `CHUNK_ROWS` (image, tag) rows: the
+  (B, C, 2F) feed-forward activations are then reused from cache instead of ~0.5 GB of fresh buffers per
+  image (~14% faster on CPU, same bits; 1024 rows beat 4096 by 6% at batch 4). On GPUs the chunks are
+  larger (`GPU_CHUNK_ROWS`): there they only bound the memory of big batches.
+
 Shape legend: B = images, S = tokens, D = backbone width, T = tags, H = attention heads, E = head dim,
-A = H * E (attention width), F = feed-forward hidden size.
+A = H * E (attention width), F = feed-forward hidden size, C = tags in one chunk.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 RMS_EPS = 1e-5  # RMSNorm on q and k: torch's default, no affine weight (not stored in the file)
+CHUNK_ROWS = 1024  # (image, tag) rows per step of the forward on CPU; 512-1024 measured best (docstring)
+GPU_CHUNK_ROWS = 65536  # elsewhere: 65536 rows of the (rows, 2F) bf16 activations are 1.6 GB
 
 
 @dataclass(frozen=True)
@@ -102,14 +111,23 @@ class HydraPool(nn.Module):
         kv = self.kv(x).view(b, s, 2, h, e).permute(2, 0, 3, 1, 4)  # (2, B, H, S, E)
         k = F.rms_norm(kv[0], (e,), eps=RMS_EPS)  # (B, H, S, E)
         v = kv[1]  # (B, H, S, E)
-        q = self.queries(tags).unsqueeze(0).expand(b, -1, -1, -1)  # (B, H, T, E)
         # Key-padding mask only: padded keys are excluded, and every query row is valid (no NaNs).
         mask = None if patch_valid is None else patch_valid[:, None, None, :]  # (B, 1, 1, S)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, E)
-        y = attn.transpose(1, 2).reshape(b, -1, h * e)  # (B, T, A), (head, dim) order; no query residual
-        y = y + self.ff_out(swiglu(self.ff_in(self.ff_norm(y))))  # (B, T, A)
-        z = self.out_proj(y, tags)  # (B, T, 2)
-        return swiglu(z).squeeze(-1)  # (B, T)
+        q = self.queries(tags)  # (H, T, E)
+        w = self.out_proj.weight if tags is None else self.out_proj.weight[tags]  # (T, A, 2)
+        step = max(1, (CHUNK_ROWS if x.device.type == "cpu" else GPU_CHUNK_ROWS) // b)  # tags per chunk
+        chunks = [self._tag_logits(q[:, i:i + step], w[i:i + step], k, v, mask) for i in range(0, q.shape[1], step)]
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)  # (B, T)
+
+    def _tag_logits(self, q: Tensor, w: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """Logits (B, C) for one chunk of tags: q (H, C, E), w (C, A, 2), k / v (B, H, S, E)."""
+        b, h, e = k.shape[0], self.cfg.n_heads, self.cfg.head_dim
+        attn = F.scaled_dot_product_attention(q.unsqueeze(0).expand(b, -1, -1, -1), k, v,
+                                              attn_mask=mask)  # (B, H, C, E)
+        y = attn.transpose(1, 2).reshape(b, -1, h * e)  # (B, C, A), (head, dim) order; no query residual
+        y = y + self.ff_out(swiglu(self.ff_in(self.ff_norm(y))))  # (B, C, A)
+        z = torch.bmm(y.transpose(0, 1), w)  # (C, B, 2): one (A, 2) matrix per tag
+        return swiglu(z.transpose(0, 1)).squeeze(-1)  # (B, C)
 
     # -- editing the tag set (extensions, training) -------------------------------------------------
 

@@ -3,8 +3,8 @@ hundred generated images with some broken files: the same captions and the same 
 Parquet shards, bad files reported the same way, resume after Ctrl-C and after a lost shard, a local Ray instance,
 and the install hint without Ray. Shard files, the resume index and the actor sizing are also tested without Ray.
 
-"The same" allows float rounding: which images share a batch (padding) and how many images a process has served
-(the head's fold, hydra/head.py) move the last bits, in a Ray actor as between two single-process runs. So the
+"The same" allows float rounding: which images share a batch (padding) moves the last bits, in a Ray actor as
+between two single-process runs with different batch sizes. So the
 runs are fp32 (bf16 rounding on the random tiny model is coarser), probabilities agree to the printed precision
 (1e-4), and captions agree except for tags within 2e-4 of the threshold.
 

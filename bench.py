@@ -1,0 +1,555 @@
+"""Benchmark bulk tagging: images/s, seconds to the first result and peak memory, against the original's way.
+
+Examples:
+    python bench.py                                # the full table, CPU and CUDA if present (~45 min on 2 cores)
+    python bench.py --seqlen 1024 --batch-size 1 4 # one sequence length
+    python bench.py --quick                        # seqlen 256 and a quarter of the images: a first look
+    python bench.py --tiny --images 3 --seqlen 64  # smoke run on a tiny random model (the test suite does this)
+
+Nothing is downloaded. The model is a full-size random-weight file in the exact real format, written once by
+`hydra.fixtures.write_model` into bench-results/ (1 GB); timing does not depend on the weights' values. The
+images are generated deterministically: a "mixed" folder (pixel counts log-uniform from 96x96 to 4096x4096,
+twelve aspect ratios, JPEG/PNG/WebP, some with alpha) and a "uniform" folder of 4000x3000 JPEGs.
+
+Every measurement is a fresh process, so start-up and peak RSS are honest:
+- "ours" runs `inference.py -o - ...` itself (CSV rows on stdout, timed as they arrive);
+- "naive" re-creates what the original inference.py does: every tensor read into a dict and copied into an
+  allocated model (peak ~2x the weights), loader workers that import torch and timm (the original's spawned
+  workers re-import its modules), batch 1, every image padded to `seqlen`, the boolean key mask always passed,
+  the Hydra head over all tags in one pass, bf16. Both print the same CSV, so their probabilities are compared.
+- "load" probes load the model alone and report RSS before and the peak after (ours vs the original's way).
+
+images/s counts the images after the first result (steady state); "first" is process start to the first row.
+"useful" is the original model's FLOPs on the unpadded images per second, as a fraction of the bf16 matmul
+peak measured here (model FLOPs utilisation); "exec" counts what the mode really computes (naive pads every
+image to `seqlen`) over the same peak. `--repeat N` runs everything N times round-robin and keeps each
+run's best, for shared machines. A table goes to stdout and everything to bench-results/bench-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "bench-results"
+FULL_MODEL = "jtp-3-hydra-random.safetensors"
+SEQLENS, BATCH_SIZES = (256, 576, 1024), (1, 4)
+MIXED_IMAGES, UNIFORM_IMAGES = 24, 8
+UNIFORM_SIZE = (4000, 3000)  # W x H: a 12 Mpx photo, 972 tokens at seqlen 1024
+ASPECTS = [(1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16), (2, 1), (1, 2), (21, 9), (1, 3), (3, 1)]
+FORMATS = [("jpg", "RGB"), ("png", "RGB"), ("webp", "RGB"), ("jpg", "RGB"), ("png", "RGBA")]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Benchmark bulk tagging against the original's way of running.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
+    g = p.add_argument_group("workload")
+    g.add_argument("--seqlen", type=int, nargs="+", help=f"Sequence lengths. (Default: {' '.join(map(str, SEQLENS))})")
+    g.add_argument("--batch-size", type=int, nargs="+", help="Batch sizes for ours (naive is always 1). "
+                   f"(Default: {' '.join(map(str, BATCH_SIZES))})")
+    g.add_argument("--folders", nargs="+", choices=("mixed", "uniform"), default=["mixed", "uniform"],
+                   help="Image folders to run. (Default: both)")
+    g.add_argument("--images", type=int, help=f"Images per folder. (Default: {MIXED_IMAGES} mixed, "
+                   f"{UNIFORM_IMAGES} uniform)")
+    g.add_argument("--quick", action="store_true", help="Seqlen 256 and a quarter of the images.")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", metavar="PATH", help=f"Model file. (Default: bench-results/{FULL_MODEL}, written "
+                   "on first use by the fixture writer; never a download)")
+    g.add_argument("--tiny", action="store_true", help="Use a tiny random model instead (smoke runs).")
+    g = p.add_argument_group("execution")
+    g.add_argument("--device", nargs="+", help="Torch devices. (Default: cpu, plus cuda when available)")
+    g.add_argument("--modes", nargs="+", choices=("naive", "ours"), default=["naive", "ours"],
+                   help="What to run. (Default: both)")
+    g.add_argument("--workers", type=int, nargs="+",
+                   help="Loader processes for ours. (Default: inference.py's default, the number of cores)")
+    g.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="Dtype for ours. "
+                   "(Default: auto; naive is always bf16, as the original)")
+    g.add_argument("--no-load-probe", action="store_true", help="Skip the model-loading memory probes.")
+    g.add_argument("--repeat", type=int, default=1, help="Run everything this many times, round-robin, and keep "
+                   "each run's best (for shared, noisy machines). (Default: 1)")
+    g.add_argument("--timeout", type=float, default=3600, help="Seconds one run may take. (Default: 3600)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", metavar="DIR", default=str(RESULTS),
+                   help="Folder for the JSON, the generated images and model. (Default: bench-results/)")
+    p.add_argument("--child", choices=("naive", "load-ours", "load-naive"), help=argparse.SUPPRESS)
+    p.add_argument("--folder", help=argparse.SUPPRESS)
+    return p
+
+
+# -- inputs: the model file, the image folders, the FLOP count --------------------------------------------
+
+
+def prepare_model(args: argparse.Namespace, out: Path) -> str:
+    if args.model:
+        return args.model
+    from hydra.fixtures import write_model
+
+    path = out / ("tiny.safetensors" if args.tiny else FULL_MODEL)
+    if not path.is_file():
+        tags = [line.split(",", 1)[0] for line in (ROOT / "data" / "jtp-3-hydra-tags.csv").read_text().splitlines()[1:]]
+        print(f"Writing a random-weight model to {path} ...", file=sys.stderr, flush=True)
+        write_model(path, tags, full_size=not args.tiny)
+    return str(path)
+
+
+def image_sizes(folder: str, n: int, seed: int = 0) -> list[tuple[int, int, str, str]]:
+    """(width, height, extension, mode) of each generated image; deterministic."""
+    if folder == "uniform":
+        return [(*UNIFORM_SIZE, "jpg", "RGB")] * n
+    rng, sizes = random.Random(seed), []
+    for i in range(n):
+        pixels = math.exp(rng.uniform(math.log(96 * 96), math.log(4096 * 4096)))
+        a, b = rng.choice(ASPECTS)
+        w = max(16, round(math.sqrt(pixels * a / b)))
+        sizes.append((w, max(16, round(pixels / w)), *FORMATS[i % len(FORMATS)]))
+    return sizes
+
+
+def prepare_folder(out: Path, folder: str, n: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    path = out / "images" / f"{folder}-{n}"
+    sizes = image_sizes(folder, n)
+    names = [f"{i:03d}_{w}x{h}.{ext}" for i, (w, h, ext, _) in enumerate(sizes)]
+    if path.is_dir() and sorted(os.listdir(path)) == sorted(names):
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    for i, ((w, h, ext, mode), name) in enumerate(zip(sizes, names)):
+        rng = np.random.default_rng(i)  # smooth noise: compresses and decodes like a picture, not like static
+        small = rng.integers(0, 256, (h // 24 + 2, w // 24 + 2, len(mode)), dtype=np.uint8)
+        img = Image.fromarray(small, mode).resize((w, h), Image.Resampling.BICUBIC)
+        img.save(path / name, **({"quality": 90} if ext in ("jpg", "webp") else {}))
+    return path
+
+
+def model_dims(path: str) -> dict[str, int]:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        shape = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    heads, tags, head_dim = shape["attn_pool.q"]
+    return {"width": shape["embeds.proj.weight"][0], "patch": shape["embeds.proj.weight"][1],
+            "depth": sum(k.endswith(".attn.qkv.weight") for k in shape), "mlp": shape["blocks.0.mlp.fc1.weight"][0],
+            "tags": tags, "attn": heads * head_dim, "ff": shape["attn_pool.ff_in.weight"][0] // 2}
+
+
+def image_flops(n: int, m: dict[str, int]) -> float:
+    """Model FLOPs (multiply-add = 2) for one image of `n` tokens."""
+    d, a, t = m["width"], m["attn"], m["tags"]
+    backbone = 2 * n * m["patch"] * d + m["depth"] * (2 * n * d * (4 * d + 2 * m["mlp"]) + 4 * n * n * d)
+    head = 2 * n * d * 2 * a + 4 * t * n * a + 2 * t * a * 3 * m["ff"] + 4 * t * a
+    return float(backbone + head)
+
+
+def executed_flops(run: Run, token_counts: list[int], m: dict[str, int]) -> list[float]:
+    """What the hardware computes per image, in processing order: naive pads every image to `seqlen` and
+    runs the whole head; ours runs unpadded (batch > 1 pads a little more: not counted)."""
+    if run.mode == "naive":
+        return [image_flops(run.seqlen, m)] * len(token_counts)
+    return [image_flops(n, m) for n in token_counts]
+
+
+def folder_tokens(folder: Path, seqlen: int) -> dict[str, int]:
+    from PIL import Image
+
+    from hydra.image import PATCH_SIZE, size_for_seqlen
+
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        with Image.open(folder / name) as img:
+            h, w = size_for_seqlen(img.height, img.width, seqlen)
+        out[str(folder / name)] = (h // PATCH_SIZE) * (w // PATCH_SIZE)
+    return out
+
+
+def matmul_peak(device: str, dtype_name: str, small: bool = False) -> float:
+    """Best GFLOP/s of large square and head-shaped matmuls on `device` (all threads)."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    shapes = [(2048, 2048, 2048), (4096, 4096, 4096), (7504, 2048, 6144)] if device == "cpu" else [(8192,) * 3]
+    shapes = [(512, 512, 512)] if small else shapes
+    best = 0.0
+    with torch.inference_mode():
+        for m, k, n in shapes:
+            a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+            for _ in range(6):
+                _sync(device)
+                t = time.perf_counter()
+                torch.mm(a, b)
+                _sync(device)
+                best = max(best, 2 * m * k * n / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+# -- one run in a fresh process -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+    device: str
+    folder: str
+    seqlen: int
+    mode: str
+    batch: int
+    workers: int | None
+    dtype: str
+    images: int = 0
+    images_per_s: float = math.nan
+    first_result_s: float = math.nan
+    total_s: float = math.nan
+    peak_rss_gb: float | None = None
+    useful_tflop_per_image: float = math.nan      # the original model's FLOPs on the unpadded images
+    executed_tflop_per_image: float = math.nan    # what this mode computes (naive: padded to seqlen)
+    fraction_of_peak: float = math.nan            # useful FLOPs/s over the measured bf16 matmul peak
+    executed_fraction_of_peak: float = math.nan   # executed FLOPs/s over the same peak (hardware busy-ness)
+    speedup: float = math.nan
+    first_result_ratio: float = math.nan
+    exit_code: int | None = None
+    error: str = ""
+    repeats: int = 1
+
+
+def run_command(run: Run, model: str, folder: Path, out: Path) -> list[str]:
+    if run.mode == "naive":
+        return [sys.executable, str(ROOT / "bench.py"), "--child", "naive", "--model", model, "--folder", str(folder),
+                "--seqlen", str(run.seqlen), "--device", run.device]
+    cmd = [sys.executable, str(ROOT / "inference.py"), "-M", model, "-E", "-o", "-", "-S", str(run.seqlen),
+           "-b", str(run.batch), "-d", run.device, "--dtype", run.dtype]
+    return cmd + (["-w", str(run.workers)] if run.workers is not None else []) + [str(folder)]
+
+
+def execute(cmd: list[str], timeout: float, cwd: Path) -> tuple[list[tuple[float, str, list[float]]], dict]:
+    """Run `cmd`; return its CSV rows with arrival times (s since start), and exit / RSS / stderr facts."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env)
+    tail: list[str] = []
+    reader = threading.Thread(target=lambda: [tail.append(x.decode(errors="replace")) for x in proc.stderr],
+                              daemon=True)
+    reader.start()
+    killer = threading.Timer(timeout, proc.kill)
+    killer.start()
+    rows = []
+    for line in proc.stdout:
+        t = time.perf_counter() - start
+        fields = next(csv.reader([line.decode()]))
+        rows.append((t, fields[0], [float(x) for x in fields[1:]]))
+    if hasattr(os, "wait4"):
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        rss = usage.ru_maxrss / 2**20  # KiB -> GiB
+    else:
+        proc.wait()
+        rss = None
+    killer.cancel()
+    reader.join(timeout=5)
+    return rows, {"total_s": time.perf_counter() - start, "exit_code": proc.returncode, "peak_rss_gb": rss,
+                  "stderr": "".join(tail[-5:]).strip()}
+
+
+def measure(run: Run, rows: list, facts: dict, tokens: dict[str, int], dims: dict, peak: float) -> None:
+    run.total_s, run.exit_code, run.peak_rss_gb = facts["total_s"], facts["exit_code"], facts["peak_rss_gb"]
+    run.images = len(rows)
+    if facts["exit_code"] != 0 or len(rows) < len(tokens):
+        run.error = facts["stderr"][-300:]
+    if not rows:
+        return
+    run.first_result_s = rows[0][0]
+    useful = [image_flops(tokens[path], dims) for _, path, _ in rows]
+    executed = executed_flops(run, [tokens[path] for _, path, _ in rows], dims)
+    run.useful_tflop_per_image = sum(useful) / len(useful) / 1e12
+    run.executed_tflop_per_image = sum(executed) / len(executed) / 1e12
+    if len(rows) > 1 and rows[-1][0] > rows[0][0] and peak:
+        span = rows[-1][0] - rows[0][0]
+        run.images_per_s = (len(rows) - 1) / span
+        run.fraction_of_peak = sum(useful[1:]) / span / (peak * 1e9)
+        run.executed_fraction_of_peak = sum(executed[1:]) / span / (peak * 1e9)
+
+
+def agreement(a: list, b: list) -> dict[str, float]:
+    """Mean and max |p_a - p_b| over the images both runs tagged (CSV precision: 1e-4)."""
+    import numpy as np
+
+    pa, pb = {path: p for _, path, p in a}, {path: p for _, path, p in b}
+    common = sorted(set(pa) & set(pb))
+    if not common:
+        return {"images": 0, "mean_abs_dp": math.nan, "max_abs_dp": math.nan}
+    diff = np.abs(np.array([pa[k] for k in common]) - np.array([pb[k] for k in common]))
+    return {"images": len(common), "mean_abs_dp": float(diff.mean()), "max_abs_dp": float(diff.max())}
+
+
+# -- the original's way, run inside a child ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class OriginalWorker:
+    """The original's loader worker: a spawned process that re-imports the original's modules (torch and timm)
+    before it decodes anything, then preprocesses exactly as ours (padding happens in `collate`)."""
+
+    seqlen: int
+
+    def __call__(self, path: str) -> dict:
+        import timm  # noqa: F401  (the cost is the point)
+        import torch  # noqa: F401
+
+        from hydra.image import JTP3Preprocess
+
+        return JTP3Preprocess(self.seqlen)(path)
+
+
+def load_like_original(path: str, device: str):
+    """The original's loading: every tensor into a dict, a bf16 model allocated uninitialised (timm's
+    weight_init="skip"), a strict `load_state_dict` copy, then `.to(device)`."""
+    import torch
+    from safetensors.torch import load_file
+
+    from hydra.backbone import create_backbone
+    from hydra.checkpoint import KEY_LABELS, parse_backbone_overrides, read_metadata
+    from hydra.head import HydraCfg, HydraPool
+    from hydra.model import JTP3Model
+
+    state, meta = load_file(path), read_metadata(path)
+    net = create_backbone(parse_backbone_overrides(path, meta), device="meta", dtype=torch.bfloat16)
+    net.attn_pool = HydraPool(HydraCfg.from_state(state), device="meta", dtype=torch.bfloat16)
+    net = net.to_empty(device="cpu")
+    net.load_state_dict(state, strict=True)
+    del state
+    net = net.requires_grad_(False).eval().to(device)
+    return JTP3Model(net=net, labels=meta[KEY_LABELS].split("\n"), path=path, metadata=meta)
+
+
+def naive_child(args: argparse.Namespace) -> int:
+    import torch
+
+    import hydra.head
+    from hydra.bulk import iter_images
+    from hydra.image import collate
+    from hydra.loader import ImageLoader, LoadError
+
+    hydra.head.CHUNK_ROWS = hydra.head.GPU_CHUNK_ROWS = 1 << 30  # the original's head: all tags in one pass
+    out = csv.writer(sys.stdout)
+    from bench import OriginalWorker as Worker  # by module name: workers cannot import from a __main__
+
+    seqlen, paths = args.seqlen[0], list(iter_images([args.folder]))
+    model = load_like_original(args.model, args.device[0])
+    with torch.inference_mode(), ImageLoader(Worker(seqlen), os.cpu_count() or 1) as loader:
+        for path, sample in loader.imap(paths):
+            if isinstance(sample, LoadError):
+                print(f"'{path}': {sample}", file=sys.stderr)
+                continue
+            host = collate([sample], pad_to=seqlen)
+            batch = model.to_device_batch(host, non_blocking=True)
+            valid = host["patch_valid"].to(model.device)  # always passed, as the original
+            feats = model.net.forward_features(batch["patches"], patch_coord=batch["patch_coord"],
+                                               patch_valid=valid, attn_mask=valid[:, None, None, :])["patches"]
+            probs = model.head(feats, valid).float().sigmoid()[0].cpu().numpy()
+            out.writerow([path, *(f"{p:.4f}" for p in probs.tolist())])
+            sys.stdout.flush()
+    return 0
+
+
+def load_child(args: argparse.Namespace) -> int:
+    """Print RSS after imports, peak RSS after loading, load time, and the weights' size (JSON)."""
+    import torch
+
+    from hydra.common import choose_dtype
+    from hydra.model import load_jtp3
+
+    before = _status_kib("VmRSS")
+    start = time.perf_counter()
+    if args.child == "load-naive":
+        model = load_like_original(args.model, args.device[0])
+    else:
+        model = load_jtp3(args.model, args.device[0], choose_dtype(args.device[0], args.dtype)[0])
+    seconds = time.perf_counter() - start
+    weights = sum(p.numel() * p.element_size() for p in model.net.parameters())
+    print(json.dumps({"load_s": seconds, "rss_before_gb": before / 2**20, "peak_rss_gb": _status_kib("VmHWM") / 2**20,
+                      "weights_gb": weights / 2**30, "dtype": str(model.dtype).removeprefix("torch."),
+                      "torch_threads": torch.get_num_threads()}))
+    return 0
+
+
+def _status_kib(field: str) -> float:
+    try:
+        with open("/proc/self/status") as f:
+            return next(float(line.split()[1]) for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return math.nan
+
+
+# -- the whole benchmark ---------------------------------------------------------------------------------------
+
+
+def plan(args: argparse.Namespace, devices: list[str]) -> list[Run]:
+    runs = []
+    for device in devices:
+        for folder in args.folders:
+            for seqlen in args.seqlen:
+                if "naive" in args.modes:
+                    runs.append(Run(device, folder, seqlen, "naive", 1, None, "bf16"))
+                if "ours" in args.modes:
+                    runs += [Run(device, folder, seqlen, "ours", b, w, args.dtype)
+                             for b in args.batch_size for w in (args.workers or [None])]
+    return runs
+
+
+def machine_info(devices: list[str]) -> dict:
+    import timm
+    import torch
+
+    from hydra.common import cpu_has_fast_bf16
+
+    cpu = platform.processor()
+    try:
+        info = dict(line.split(":", 1) for line in open("/proc/cpuinfo").read().split("\n\n")[0].splitlines())
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        cpu = f"{info['model name']} (family {info['cpu family']}, model {info['model']})"
+    except (OSError, KeyError, ValueError):
+        pass
+    info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu, "cores": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+            "torch_threads": torch.get_num_threads(), "cpu_native_bf16": cpu_has_fast_bf16()}
+    if "cuda" in " ".join(devices):
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def print_table(runs: list[Run]) -> None:
+    head = ("device", "folder", "seqlen", "mode", "batch", "workers", "img/s", "x naive", "first s", "x naive",
+            "RSS GB", "useful", "exec")
+    rows = [(r.device, r.folder, r.seqlen, r.mode, r.batch, "-" if r.workers is None else r.workers,
+             f"{r.images_per_s:.3f}", f"{r.speedup:.2f}", f"{r.first_result_s:.1f}", f"{r.first_result_ratio:.2f}",
+             "-" if r.peak_rss_gb is None else f"{r.peak_rss_gb:.2f}", f"{100 * r.fraction_of_peak:.0f}%",
+             f"{100 * r.executed_fraction_of_peak:.0f}%")
+            for r in runs]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    for line in [head, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(str(x).rjust(w) for x, w in zip(line, widths)))
+
+
+def compare(runs: list[Run], outputs: dict[int, list]) -> list[dict]:
+    """Speed-up columns against the naive run of the same device/folder/seqlen, and probability agreement."""
+    checks = []
+    for i, r in enumerate(runs):
+        base = next((j for j, n in enumerate(runs) if n.mode == "naive" and (n.device, n.folder, n.seqlen)
+                     == (r.device, r.folder, r.seqlen)), None)
+        if base is None:
+            continue
+        r.speedup = r.images_per_s / runs[base].images_per_s
+        r.first_result_ratio = r.first_result_s / runs[base].first_result_s
+        if r.mode == "ours":
+            checks.append({"device": r.device, "folder": r.folder, "seqlen": r.seqlen, "batch": r.batch,
+                           **agreement(outputs[base], outputs[i])})
+    return checks
+
+
+def load_probes(args: argparse.Namespace, devices: list[str], model: str, out: Path) -> dict:
+    probes = {}
+    for d in devices:
+        for kind in ("load-naive", "load-ours"):
+            cmd = [sys.executable, str(ROOT / "bench.py"), "--child", kind, "--model", model, "--device", d,
+                   "--dtype", args.dtype]
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=out, timeout=args.timeout)
+            probes[f"{d}/{kind[5:]}"] = json.loads(done.stdout) if done.returncode == 0 else done.stderr[-500:]
+    return probes
+
+
+def run_all(args: argparse.Namespace, runs: list[Run], model: str, folders: dict[str, Path], peaks: dict,
+            out: Path, report: dict) -> tuple[list[Run], dict[int, list]]:
+    """Every run `args.repeat` times, round-robin (so slow phases of a shared machine hit all alike); per run
+    the best images/s and the best first-result time are kept."""
+    dims, tries, outputs = report["dims"], {}, {}
+    for rep in range(args.repeat):
+        for i, run in enumerate(runs):
+            tokens = folder_tokens(folders[run.folder], run.seqlen)
+            report["folders"].setdefault(run.folder, {})[run.seqlen] = sorted(tokens.values())
+            print(f"[{rep * len(runs) + i + 1}/{args.repeat * len(runs)}] {run.mode} {run.device} {run.folder} "
+                  f"seqlen {run.seqlen} batch {run.batch}", file=sys.stderr, flush=True)
+            attempt = dataclasses.replace(run)
+            rows, facts = execute(run_command(run, model, folders[run.folder], out), args.timeout, out)
+            measure(attempt, rows, facts, tokens, dims, peaks[run.device]["bf16"])
+            tries.setdefault(i, []).append(attempt)
+            outputs.setdefault(i, rows)
+    report["attempts"] = [dataclasses.asdict(a) for t in tries.values() for a in t]
+    return [best_of(tries[i]) for i in range(len(runs))], outputs
+
+
+def best_of(attempts: list[Run]) -> Run:
+    ok = [a for a in attempts if math.isfinite(a.images_per_s)] or attempts
+    best = dataclasses.replace(max(ok, key=lambda a: a.images_per_s if math.isfinite(a.images_per_s) else -1))
+    best.first_result_s = min(a.first_result_s for a in ok)
+    rss = [a.peak_rss_gb for a in attempts if a.peak_rss_gb is not None]
+    best.peak_rss_gb = max(rss) if rss else None
+    best.error = "; ".join(a.error for a in attempts if a.error)
+    best.repeats = len(attempts)
+    return best
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.child == "naive":
+        return naive_child(args)
+    if args.child:
+        return load_child(args)
+    import torch
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    devices = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    model = prepare_model(args, out)
+    folders = {f: prepare_folder(out, f, n_images(args, f)) for f in args.folders}
+    peaks = {d: {t: matmul_peak(d, t, small=args.tiny) for t in ("bf16", "fp32")} for d in devices}
+    report = {"machine": machine_info(devices), "matmul_peak_gflops": peaks, "command": " ".join(sys.argv),
+              "model": model, "dims": model_dims(model), "folders": {}, "load": {}, "runs": [], "agreement": []}
+    if not args.no_load_probe:
+        report["load"] = load_probes(args, devices, model, out)
+    runs, outputs = run_all(args, plan(args, devices), model, folders, peaks, out, report)
+    report["agreement"] = compare(runs, outputs)
+    report["runs"] = [dataclasses.asdict(r) for r in runs]
+    path = out / f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
+    path.write_text(json.dumps(report, indent=1, default=str))
+    print_table(runs)
+    print(f"\n{report['machine']['cpu']}, {report['machine']['date']}; bf16 matmul peak "
+          + ", ".join(f"{d} {p['bf16']:.0f} GFLOP/s" for d, p in peaks.items()) + f"\nJSON: {path}")
+    return 1 if any(r.error for r in runs) else 0
+
+
+def n_images(args: argparse.Namespace, folder: str) -> int:
+    if args.images:
+        return args.images
+    full = MIXED_IMAGES if folder == "mixed" else UNIFORM_IMAGES
+    return full // 4 if args.quick else full
+
+
+def _finish_args(args: argparse.Namespace) -> argparse.Namespace:
+    if args.quick:
+        args.seqlen = args.seqlen or [256]
+    args.seqlen = args.seqlen or list(SEQLENS)
+    args.batch_size = args.batch_size or list(BATCH_SIZES)
+    return args
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main(_finish_args(build_parser().parse_args())))

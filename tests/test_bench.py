@@ -1,0 +1,76 @@
+"""bench.py smoke run on a tiny random model: the table prints, the JSON has its fields, the naive re-creation
+of the original and ours agree on the probabilities within the bf16 bar, and the load probe reports memory.
+Speed itself is measured by running bench.py, never asserted here.
+
+    venv/bin/python -m pytest tests/test_bench.py -q      # ~30 s: three fresh processes import torch
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+import bench
+
+RUN_FIELDS = {"device", "folder", "seqlen", "mode", "batch", "images", "images_per_s", "first_result_s", "total_s",
+              "peak_rss_gb", "useful_tflop_per_image", "fraction_of_peak", "speedup", "first_result_ratio", "error"}
+
+
+def _args(*argv: str):
+    return bench._finish_args(bench.build_parser().parse_args(list(argv)))
+
+
+def test_help_parses():
+    with pytest.raises(SystemExit) as e:
+        bench.build_parser().parse_args(["--help"])
+    assert e.value.code == 0
+
+
+def test_generated_folders_are_deterministic_and_mixed():
+    a, b = bench.image_sizes("mixed", 24), bench.image_sizes("mixed", 24)
+    assert a == b
+    pixels = sorted(w * h for w, h, _, _ in a)
+    assert pixels[0] < 256 * 256 and pixels[-1] > 1024 * 1024  # thumbnails to photos
+    assert len({round(w / h, 1) for w, h, _, _ in a}) > 5
+    assert {ext for _, _, ext, _ in a} == {"jpg", "png", "webp"}
+    assert set(bench.image_sizes("uniform", 3)) == {(*bench.UNIFORM_SIZE, "jpg", "RGB")}
+
+
+def test_flop_count_matches_the_issue_for_the_real_shapes():
+    dims = {"width": 1152, "patch": 768, "depth": 27, "mlp": 4304, "tags": 7504, "attn": 2048, "ff": 6144}
+    backbone_linear = 2 * 1024 * (768 * 1152 + 27 * 1152 * (4 * 1152 + 2 * 4304))
+    assert 0.84e12 < backbone_linear < 0.86e12  # "backbone ~0.85 TFLOP plus attention"
+    total = bench.image_flops(1024, dims)
+    head_ff = 2 * 7504 * 2048 * 3 * 6144
+    assert 0.56e12 < head_ff < 0.58e12 and 1.55e12 < total < 1.65e12
+    assert bench.image_flops(256, dims) > head_ff  # the head does not shrink with the sequence
+
+
+def test_smoke_run_table_json_and_agreement(tmp_path, capsys):
+    code = bench.main(_args("--tiny", "--images", "2", "--seqlen", "64", "--batch-size", "2", "--folders", "mixed",
+                            "--no-load-probe", "--out", str(tmp_path)))
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "img/s" in out and "x naive" in out and "naive" in out and "ours" in out
+    report = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
+    assert {"machine", "matmul_peak_gflops", "folders", "runs", "agreement", "load", "dims"} <= set(report)
+    assert report["matmul_peak_gflops"]["cpu"]["bf16"] > 0
+    runs = report["runs"]
+    assert [r["mode"] for r in runs] == ["naive", "ours"] and all(RUN_FIELDS <= set(r) for r in runs)
+    for r in runs:
+        assert r["images"] == 2 and not r["error"] and r["first_result_s"] > 0 and r["peak_rss_gb"] > 0
+    assert runs[0]["speedup"] == 1.0 and math.isfinite(runs[1]["speedup"])
+    (check,) = report["agreement"]
+    assert check["images"] == 2
+    assert check["mean_abs_dp"] < 0.01 and check["max_abs_dp"] < 0.1  # the bf16 bar of tests/test_model.py
+
+
+def test_load_probe_reports_memory(tmp_path, capsys):
+    model = bench.prepare_model(_args("--tiny"), tmp_path)
+    for kind in ("load-ours", "load-naive"):
+        assert bench.main(_args("--child", kind, "--model", model, "--device", "cpu")) == 0
+        probe = json.loads(capsys.readouterr().out)
+        assert probe["weights_gb"] > 0 and probe["peak_rss_gb"] >= probe["rss_before_gb"] > 0
+        assert probe["dtype"] in ("bfloat16", "float32")
