@@ -1,7 +1,7 @@
 """Benchmark bulk tagging: images/s, seconds to the first result and peak memory, against the original's way.
 
 Examples:
-    python bench.py                                # the full table, CPU and CUDA if present (~45 min on 2 cores)
+    python bench.py                                # the full table, CPU and CUDA if present (~25 min on 2 cores)
     python bench.py --seqlen 1024 --batch-size 1 4 # one sequence length
     python bench.py --quick                        # seqlen 256 and a quarter of the images: a first look
     python bench.py --tiny --images 3 --seqlen 64  # smoke run on a tiny random model (the test suite does this)
