@@ -229,7 +229,10 @@ class ImageLoader:
                     if not slot.items:
                         slot.since = time.monotonic()
                     slot.items.append(item)
-                    slot.conn.send(item)
+                    try:
+                        slot.conn.send(item)
+                    except OSError:  # the worker has just died: below, it is replaced and its items requeued
+                        break
             busy = [s for s in self._slots if s.items]
             if not busy:
                 return

@@ -67,3 +67,16 @@ def test_no_shared_memory_left_behind():
     run([f"ok-{i}" for i in range(1, 6)], workers=2, share_memory=True)
     after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     assert not {n for n in after - before if n.startswith("psm_")}
+
+
+def test_a_worker_that_dies_between_two_items_costs_one_file_at_most():
+    """Sending to a worker that has just exited (its pipe is broken) replaces it; nothing raises or hangs."""
+    items = [f"ok-{i}" for i in range(1, 7)]
+    with ImageLoader(make_sample, workers=1, prefetch=2) as loader:
+        loader._slots[0].proc.kill()  # dies before the first item reaches it
+        loader._slots[0].proc.join(timeout=5)
+        t0 = time.monotonic()
+        out = dict(loader.imap(items))
+    assert set(out) == set(items) and time.monotonic() - t0 < 30
+    failed = [k for k, v in out.items() if isinstance(v, LoadError)]
+    assert len(failed) <= 1 and all(out[k]["patches"].shape == (int(k[3:]), 4) for k in items if k not in failed)
