@@ -64,9 +64,12 @@ class BatchLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(n, d_in, d_out, **dd))
 
     def forward(self, x: Tensor, tags: Tensor | None = None) -> Tensor:
-        w = self.weight if tags is None else self.weight[tags]  # (T, A, 2)
-        # (B, T, A) x (T, A, 2): a batched matmul over tags, batch dimension folded into the rows.
-        return torch.bmm(x.transpose(0, 1), w).transpose(0, 1)  # (B, T, 2)
+        return per_tag_matmul(x, self.weight if tags is None else self.weight[tags])
+
+
+def per_tag_matmul(x: Tensor, w: Tensor) -> Tensor:
+    """(B, T, A) x (T, A, 2) -> (B, T, 2): a batched matmul over tags, the batch dimension folded into the rows."""
+    return torch.bmm(x.transpose(0, 1), w).transpose(0, 1)
 
 
 class HydraPool(nn.Module):
@@ -126,8 +129,7 @@ class HydraPool(nn.Module):
                                               attn_mask=mask)  # (B, H, C, E)
         y = attn.transpose(1, 2).reshape(b, -1, h * e)  # (B, C, A), (head, dim) order; no query residual
         y = y + self.ff_out(swiglu(self.ff_in(self.ff_norm(y))))  # (B, C, A)
-        z = torch.bmm(y.transpose(0, 1), w)  # (C, B, 2): one (A, 2) matrix per tag
-        return swiglu(z.transpose(0, 1)).squeeze(-1)  # (B, C)
+        return swiglu(per_tag_matmul(y, w)).squeeze(-1)  # (B, C)
 
     # -- editing the tag set (extensions, training) -------------------------------------------------
 
