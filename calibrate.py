@@ -21,6 +21,7 @@ import urllib.parse
 from typing import TYPE_CHECKING
 
 from hydra import calibration
+from hydra.common import positive_int
 from hydra.hub import DownloadError
 from hydra.image import DEFAULT_MAX_SIZE, DEFAULT_SEQLEN, MAX_SEQLEN, MIN_SEQLEN
 from hydra.resources import (
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="--from-dataset: tag metadata whose implications complete each image's true tags "
                            f"(red_fox also makes fox and canine true). (Default: {DEFAULT_METADATA} for JTP-3, "
                            "none for DINOv3; '' = use the tags as written)")
-    data.add_argument("--min-positives", metavar="N", type=_positive,
+    data.add_argument("--min-positives", metavar="N", type=positive_int,
                       help="--from-dataset: a tag needs at least N images showing it to be calibrated from the "
                            "dataset; rarer tags keep --data's counts. (Default: 1)")
     data.add_argument("--refresh", action="store_true",
@@ -122,19 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Torch device. (Default: cuda if available, else cpu)")
     model.add_argument("--dtype", choices=("auto", "bf16", "fp32"),
                        help="Compute dtype. (Default: auto = bf16 on GPUs and on CPUs with native bf16, else fp32)")
-    model.add_argument("-b", "--batch", metavar="BATCH_SIZE", type=_positive, help="Batch size. (Default: 1)")
+    model.add_argument("-b", "--batch", metavar="BATCH_SIZE", type=positive_int, help="Batch size. (Default: 1)")
     model.add_argument("-w", "--workers", metavar="N_WORKERS", type=int,
                        help="Image loader processes. (Default: number of cores; 0 = load in this process)")
     model.add_argument("--no-shm", action="store_true", default=None,
                        help="Pass decoded images through pipes instead of shared memory.")
     return parser
-
-
-def _positive(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return n
 
 
 def _max_size(text: str) -> int:

@@ -17,7 +17,7 @@ import sys
 from hydra import distributed, interactive
 from hydra.bulk import EXISTING, FORMATS, CaptionSink, CsvSink, PrintSink, caption_path, iter_images, run_bulk
 from hydra.checkpoint import CheckpointError
-from hydra.common import log
+from hydra.common import log, positive_int
 from hydra.extensions import load_extensions
 from hydra.hub import DownloadError
 from hydra.image import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIZE, DEFAULT_SEQLEN, MAX_SEQLEN, MIN_SEQLEN, is_url
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-x", "--exclude", metavar="CATEGORY", action="append", default=[],
                    help="Exclude the specified category of tags. May be specified multiple times. "
                         "Requires tag metadata.")
-    g.add_argument("--topk", metavar="K", type=_positive,
+    g.add_argument("--topk", metavar="K", type=positive_int,
                    help="Output the K most probable tags instead of thresholding. "
                         f"(Default: threshold; {DINOV3_TOPK} for the DINOv3 tagger unless -t is given)")
     g = p.add_argument_group("output")
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--white-background", action="store_true",
                    help="Composite transparency on white (the published script drops alpha; off for parity).")
     g = p.add_argument_group("execution")
-    g.add_argument("-b", "--batch", metavar="BATCH_SIZE", type=_positive, default=1, help="Batch size.")
+    g.add_argument("-b", "--batch", metavar="BATCH_SIZE", type=positive_int, default=1, help="Batch size.")
     g.add_argument("-w", "--workers", metavar="N_WORKERS", type=int, default=-1,
                    help="Number of dataloader workers. (Default: number of cores; 0 = load in this process)")
     g.add_argument("--no-shm", action="store_true", help="Disable shared memory between workers.")
@@ -122,13 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--recursive", action="store_true",
                    help="Classify directories recursively. Dotfiles will be ignored.")
     return p
-
-
-def _positive(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return n
 
 
 def _pixels(text: str) -> int | None:

@@ -21,7 +21,7 @@ import torch
 
 from hydra import features, training
 from hydra.checkpoint import CheckpointError
-from hydra.common import choose_dtype, default_device, log
+from hydra.common import choose_dtype, default_device, log, positive_int
 from hydra.hub import DownloadError
 from hydra.model import load_jtp3
 from hydra.optim import AdamWScheduleFree
@@ -49,15 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-i", "--init-from-tag", metavar="TAG",
                    help="Start from an existing tag of the model (exact e621 name). (Default: random init)")
     g = p.add_argument_group("training")
-    g.add_argument("-b", "--batch", type=_positive, default=16, help="Batch size. (Default: 16)")
-    g.add_argument("-a", "--accumulate", type=_positive, default=1,
+    g.add_argument("-b", "--batch", type=positive_int, default=16, help="Batch size. (Default: 16)")
+    g.add_argument("-a", "--accumulate", type=positive_int, default=1,
                    help="Gradient accumulation steps. (Default: 1)")
     g.add_argument("-e", "--max-epochs", type=_natural, default=0, help="Stop after this epoch. (0 = until Ctrl-C)")
     g.add_argument("-c", "--checkpoint-interval", type=_natural, default=0,
                    help="Also save a checkpoint every N epochs. (0 = only at the end)")
     g.add_argument("-v", "--validation-samples", type=_natural, default=20,
                    help="Positive and negative examples held out for validation, each. (Default: 20)")
-    g.add_argument("-T", "--validation-thresholds", type=_positive, default=99,
+    g.add_argument("-T", "--validation-thresholds", type=positive_int, default=99,
                    help="Number of validation thresholds. (Default: 99)")
     g.add_argument("--force", action="store_true", help="Train even if the dataset looks too small or imbalanced.")
     g = p.add_argument_group("optimizer (only for a new run, not with --resume)")
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, help=f"Weight decay. (Default: {HYPER['weight_decay']:g})")
     g.add_argument("--warmup-steps", type=int, help=f"Linear warmup steps. (Default: {HYPER['warmup_steps']})")
     g = p.add_argument_group("feature cache")
-    g.add_argument("-B", "--cache-batch", type=_positive, default=4, help="Batch size for caching. (Default: 4)")
+    g.add_argument("-B", "--cache-batch", type=positive_int, default=4, help="Batch size for caching. (Default: 4)")
     g.add_argument("-W", "--cache-workers", type=int, default=-1,
                    help="Image loading processes for caching. (Default: -1 = all cores; 0 = main process)")
     g.add_argument("--cache-tag", metavar="ID", default="jtp3", help="Namespace of cache files. (Default: jtp3)")
@@ -78,12 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-mtime", action="store_true",
                    help="A cache file is valid if it exists, even when older than its image.")
     return p
-
-
-def _positive(text: str) -> int:
-    if int(text) < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return int(text)
 
 
 def _natural(text: str) -> int:

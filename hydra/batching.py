@@ -15,7 +15,7 @@ Rules (`group_by_length`):
   first when several are due), so an odd-sized sample cannot be starved by a stream of better matches.
 - When the input ends, the rest goes out in length order.
 
-The functions are generic (items of any type, a `length` callable) and need neither torch nor numpy.
+`group_by_length` is generic (items of any type, a `length` callable); nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from .image import PATCH_SIZE
+
 T = TypeVar("T")
 WINDOW_BATCHES = 4   # default look-ahead: this many batches' worth of samples
 MAX_WINDOW = 256     # cap for large batch sizes (memory: a 1024-token JTP-3 sample is 0.8 MB)
-PATCH = 16
 
 
 def sample_length(sample: Mapping[str, Any]) -> int:
@@ -36,7 +37,7 @@ def sample_length(sample: Mapping[str, Any]) -> int:
     if "patches" in sample:
         return len(sample["patches"])
     h, w = sample["pixels"].shape[-2:]
-    return (h // PATCH) * (w // PATCH)
+    return (h // PATCH_SIZE) * (w // PATCH_SIZE)
 
 
 def padding(lengths: Iterable[int]) -> int:

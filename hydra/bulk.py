@@ -95,6 +95,12 @@ class Summary:
         parts.append(f"{self.failed} failed")
         return ", ".join(parts) + "."
 
+    def fail(self, path: str, reason: str, bar: tqdm | None = None) -> None:
+        """Count a failed input and print its one stderr line."""
+        self.failed += 1
+        self.failures.append((path, reason))
+        report(path, reason, bar)
+
 
 EXISTING = ("overwrite", "skip", "append")
 
@@ -261,7 +267,7 @@ def run_bulk(predict: Callable[[list[dict], np.ndarray | None], np.ndarray], pre
                         sink.write(name, row)
                         summary.tagged += 1
                     except OSError as e:
-                        _fail(summary, name, f"cannot write output ({e.strerror or e})", bar)
+                        summary.fail(name, f"cannot write output ({e.strerror or e})", bar)
                 bar.update(len(batch))
         ok = True
     finally:
@@ -275,17 +281,11 @@ def _batches(results: Iterable[tuple[str, dict | LoadError]], size: int, summary
     def loaded() -> Iterator[tuple[str, dict]]:
         for path, sample in results:
             if isinstance(sample, LoadError):
-                _fail(summary, path, str(sample), bar)
+                summary.fail(path, str(sample), bar)
                 bar.update(1)
                 continue
             yield path, sample
 
     # Similar lengths batched together (little padding); the first image still goes alone (hydra/batching.py).
     yield from group_by_length(loaded(), size, lambda item: sample_length(item[1]))
-
-
-def _fail(summary: Summary, path: str, reason: str, bar: tqdm | None) -> None:
-    summary.failed += 1
-    summary.failures.append((path, reason))
-    report(path, reason, bar)
 

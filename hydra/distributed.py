@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .bulk import CaptionSink, CsvSink, PrintSink, Summary, report
-from .common import AtomicFile, atomic_write, log
+from .bulk import CaptionSink, CsvSink, PrintSink, Summary
+from .common import AtomicFile, atomic_write, log, positive_int
 from .image import is_url
 from .loader import ImageLoader
 
@@ -67,22 +67,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="Run on Ray: without ADDRESS on a new local Ray instance; 'auto' or HOST:PORT joins an "
                         "existing cluster (run this on one of its nodes; images, model and -o DIR must be on a "
                         "filesystem every node sees at the same path).")
-    g.add_argument("--ray-actors", metavar="N", type=_positive,
+    g.add_argument("--ray-actors", metavar="N", type=positive_int,
                    help="Number of model actors. (Default: GPUs / --ray-gpus-per-actor; without GPUs, half "
                         "the CPUs)")
     g.add_argument("--ray-gpus-per-actor", metavar="F", type=float, default=1.0,
                    help="GPUs per model actor: 0.5 puts two actors on each GPU, 0 = CPU actors. (Default: 1)")
-    g.add_argument("--ray-batch", metavar="N", type=_positive,
+    g.add_argument("--ray-batch", metavar="N", type=positive_int,
                    help=f"Images per model call in each actor. (Default: -b BATCH_SIZE if above 1, else "
                         f"{DEFAULT_BATCH})")
-    g.add_argument("--ray-cpus", metavar="N", type=_positive,
+    g.add_argument("--ray-cpus", metavar="N", type=positive_int,
                    help="CPUs of a local Ray instance. (Default: all)")
     g.add_argument("--ray-object-store", metavar="GB", type=float,
                    help="Object store of a local Ray instance, in GB; blocks spill to disk beyond it. "
                         "(Default: Ray's, 30%% of RAM)")
     g.add_argument("--shard-format", choices=SHARD_FORMATS, default="csv",
                    help="With --ray and -o DIR: file format of the probability shards. (Default: csv)")
-    g.add_argument("--shard-rows", metavar="N", type=_positive, default=DEFAULT_SHARD_ROWS,
+    g.add_argument("--shard-rows", metavar="N", type=positive_int, default=DEFAULT_SHARD_ROWS,
                    help=f"With --ray and -o DIR: images per shard, at most. (Default: {DEFAULT_SHARD_ROWS})")
 
 
@@ -92,13 +92,6 @@ def _address(text: str) -> str:
         return text
     raise argparse.ArgumentTypeError(f"{text!r} is not a Ray address (auto, HOST:PORT or ray://HOST:PORT); for a "
                                      "local instance put --ray after the paths")
-
-
-def _positive(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return n
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -457,9 +450,7 @@ def _execute(plan: _Plan, args: argparse.Namespace, pool: tuple[int, dict[str, f
             for i, (path, error) in enumerate(zip(out["path"], out["error"])):
                 path = os.fsdecode(path)
                 if error:
-                    summary.failed += 1
-                    summary.failures.append((path, error))
-                    report(path, error, bar)
+                    summary.fail(path, error, bar)
                     continue
                 if plan.stdout_sink is not None:
                     plan.stdout_sink.write(path, out["probs"][i])

@@ -36,28 +36,23 @@ def test_every_item_exactly_once_and_batches_are_bounded():
     assert len(batches[0]) == 1 and all(len(b) == 8 for b in batches[1:-1]) and 1 <= len(batches[-1]) <= 8
 
 
+def _recording(lengths: list[int], pulled: list[int]):
+    """Yield `lengths`, appending each index to `pulled` as it is taken (what the loader was asked for)."""
+    for i, x in enumerate(lengths):
+        pulled.append(i)
+        yield x
+
+
 def test_first_item_goes_out_alone_immediately():
     seen = []
-
-    def stream():
-        for i, x in enumerate(_mixed(50)):
-            seen.append(i)
-            yield x
-
-    batches = group_by_length(stream(), 4, _ident)
+    batches = group_by_length(_recording(_mixed(50), seen), 4, _ident)
     assert len(next(batches)) == 1
     assert seen == [0]  # nothing else was pulled from the loader before the first batch
 
 
 def test_window_bounds_the_look_ahead():
     pulled = []
-
-    def stream():
-        for i, x in enumerate(_mixed(200)):
-            pulled.append(i)
-            yield x
-
-    batches = group_by_length(stream(), 4, _ident, window=12)
+    batches = group_by_length(_recording(_mixed(200), pulled), 4, _ident, window=12)
     next(batches)
     next(batches)
     assert len(pulled) == 1 + 12  # the first item, then one full window before the second batch
