@@ -33,9 +33,9 @@ DINOV3_FLAGS = ("max_size", "exif", "white_background")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hydra.image import DEFAULT_MAX_SIZE, DEFAULT_SEQLEN, MAX_SEQLEN, MIN_SEQLEN
-    from hydra.resources import DEFAULT_METADATA, DEFAULT_MODEL
-    from hydra.webservice import MAX_SIZE_MAX, MAX_SIZE_MIN
+    from hydra.images.naflex import DEFAULT_MAX_SIZE, DEFAULT_SEQLEN, MAX_SEQLEN, MIN_SEQLEN
+    from hydra.models.resources import DEFAULT_METADATA, DEFAULT_MODEL
+    from hydra.web.service import MAX_SIZE_MAX, MAX_SIZE_MIN
 
     p = argparse.ArgumentParser(description="JTP-3 Hydra WebUI by Project RedRocket", allow_abbrev=False)
     g = p.add_argument_group("server")
@@ -88,8 +88,8 @@ def startup_threshold() -> str:
     """calibration.csv (current folder) when it is there and valid, else the slider's default; a broken
     calibration.csv is reported and skipped rather than stopping the server."""
     from hydra.common import log
-    from hydra.resources import DEFAULT_CALIBRATION
-    from hydra.tags import DataFileError, load_calibration
+    from hydra.models.resources import DEFAULT_CALIBRATION
+    from hydra.tags.rules import DataFileError, load_calibration
 
     if not os.path.isfile(DEFAULT_CALIBRATION):
         return DEFAULT_THRESHOLD_ARG
@@ -110,10 +110,10 @@ def make_web(args: argparse.Namespace):
     """
     import inference
     from hydra.common import log
-    from hydra.image import MAX_SEQLEN, MIN_SEQLEN
-    from hydra.resources import resolve_model
+    from hydra.images.naflex import MAX_SEQLEN, MIN_SEQLEN
+    from hydra.models.resources import resolve_model
     from hydra.tagger import JTP3, detect_family, find_vocab
-    from hydra.webservice import FAMILY_TITLES, MAX_SIZE_MAX, MAX_SIZE_MIN, Limits, WebModel, WebService
+    from hydra.web.service import FAMILY_TITLES, MAX_SIZE_MAX, MAX_SIZE_MIN, Limits, WebModel, WebService
 
     if not MIN_SEQLEN <= args.seqlen <= MAX_SEQLEN:
         raise ValueError(f"--seqlen must be between {MIN_SEQLEN} and {MAX_SEQLEN}")
@@ -169,11 +169,11 @@ def model_names(paths: list[str]) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from hydra.checkpoint import CheckpointError
     from hydra.common import log
     from hydra.hub import DownloadError
-    from hydra.tags import DataFileError
-    from hydra.webui import launch
+    from hydra.models.checkpoint import CheckpointError
+    from hydra.tags.rules import DataFileError
+    from hydra.web.page import launch
 
     try:
         web = make_web(args)

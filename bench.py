@@ -7,7 +7,7 @@ Examples:
     python bench.py --tiny --images 3 --seqlen 64  # smoke run on a tiny random model (the test suite does this)
 
 Nothing is downloaded. The model is a full-size random-weight file in the exact real format, written once by
-`hydra.fixtures.write_model` into bench-results/ (1 GB); timing does not depend on the weights' values. The
+`hydra.testing.jtp3.write_model` into bench-results/ (1 GB); timing does not depend on the weights' values. The
 images are generated deterministically: a "mixed" folder (pixel counts log-uniform from 96x96 to 4096x4096,
 twelve aspect ratios, JPEG/PNG/WebP, some with alpha) and a "uniform" folder of 4000x3000 JPEGs.
 
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 def prepare_model(args: argparse.Namespace, out: Path) -> str:
     if args.model:
         return args.model
-    from hydra.fixtures import write_model
+    from hydra.testing.jtp3 import write_model
 
     path = out / ("tiny.safetensors" if args.tiny else FULL_MODEL)
     if not path.is_file():
@@ -166,7 +166,7 @@ def executed_flops(run: Run, token_counts: list[int], m: dict[str, int]) -> list
 def folder_tokens(folder: Path, seqlen: int) -> dict[str, int]:
     from PIL import Image
 
-    from hydra.image import PATCH_SIZE, size_for_seqlen
+    from hydra.images.naflex import PATCH_SIZE, size_for_seqlen
 
     out = {}
     for name in sorted(os.listdir(folder)):
@@ -314,7 +314,7 @@ class OriginalWorker:
         import timm  # noqa: F401  (the cost is the point)
         import torch  # noqa: F401
 
-        from hydra.image import JTP3Preprocess
+        from hydra.images.naflex import JTP3Preprocess
 
         return JTP3Preprocess(self.seqlen)(path)
 
@@ -325,10 +325,10 @@ def load_like_original(path: str, device: str):
     import torch
     from safetensors.torch import load_file
 
-    from hydra.backbone import create_backbone
-    from hydra.checkpoint import KEY_LABELS, parse_backbone_overrides, read_metadata
-    from hydra.head import HydraCfg, HydraPool
-    from hydra.model import JTP3Model
+    from hydra.models.backbone import create_backbone
+    from hydra.models.checkpoint import KEY_LABELS, parse_backbone_overrides, read_metadata
+    from hydra.models.head import HydraCfg, HydraPool
+    from hydra.models.jtp3_net import JTP3Model
 
     state, meta = load_file(path), read_metadata(path)
     net = create_backbone(parse_backbone_overrides(path, meta), device="meta", dtype=torch.bfloat16)
@@ -343,12 +343,12 @@ def load_like_original(path: str, device: str):
 def naive_child(args: argparse.Namespace) -> int:
     import torch
 
-    import hydra.head
-    from hydra.bulk import iter_images
-    from hydra.image import collate
-    from hydra.loader import ImageLoader, LoadError
+    import hydra.models.head
+    from hydra.bulk.loader import ImageLoader, LoadError
+    from hydra.bulk.run import iter_images
+    from hydra.images.naflex import collate
 
-    hydra.head.CHUNK_ROWS = hydra.head.GPU_CHUNK_ROWS = 1 << 30  # the original's head: all tags in one pass
+    hydra.models.head.CHUNK_ROWS = hydra.models.head.GPU_CHUNK_ROWS = 1 << 30  # the original's head: all tags in one pass
     out = csv.writer(sys.stdout)
     from bench import OriginalWorker as Worker  # by module name: workers cannot import from a __main__
 
@@ -375,7 +375,7 @@ def load_child(args: argparse.Namespace) -> int:
     import torch
 
     from hydra.common import choose_dtype
-    from hydra.model import load_jtp3
+    from hydra.models.jtp3_net import load_jtp3
 
     before = _status_kib("VmRSS")
     start = time.perf_counter()

@@ -16,10 +16,9 @@ import datetime
 import os
 import sys
 
-from hydra import training
-from hydra.checkpoint import ARCHITECTURE, KEY_ARCHITECTURE, CheckpointError
 from hydra.common import log
-from hydra.extensions import (
+from hydra.models.checkpoint import ARCHITECTURE, KEY_ARCHITECTURE, CheckpointError
+from hydra.models.extensions import (
     DEFAULT_EXTENSION_DIR,
     IMPLEMENTATION,
     KEY_CATEGORY,
@@ -28,8 +27,9 @@ from hydra.extensions import (
     KEY_LABEL,
     save_extension,
 )
-from hydra.resources import project_path
-from hydra.tags import CATEGORIES
+from hydra.models.resources import project_path
+from hydra.tags.rules import CATEGORIES
+from hydra.train import loop as training
 
 DESCRIPTION = ("This is an extension for the RedRocket JTP-3 Hydra image classifier. You can find usage "
                "instructions at https://huggingface.co/RedRocket/JTP-3.")

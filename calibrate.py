@@ -20,11 +20,11 @@ import sys
 import urllib.parse
 from typing import TYPE_CHECKING
 
-from hydra import calibration
+from hydra.calibration import thresholds as calibration
 from hydra.common import positive_int
 from hydra.hub import DownloadError
-from hydra.image import DEFAULT_MAX_SIZE, DEFAULT_SEQLEN, MAX_SEQLEN, MIN_SEQLEN
-from hydra.resources import (
+from hydra.images.naflex import DEFAULT_MAX_SIZE, DEFAULT_SEQLEN, MAX_SEQLEN, MIN_SEQLEN
+from hydra.models.resources import (
     DEFAULT_EXTENSIONS,
     DEFAULT_METADATA,
     DEFAULT_MODEL,
@@ -35,7 +35,7 @@ from hydra.resources import (
 )
 
 if TYPE_CHECKING:
-    from hydra.dataset import Provenance
+    from hydra.calibration.dataset import Provenance
 
 # flags that only mean something with --from-dataset (dest -> flag, for the error message)
 DATASET_ONLY = {"data_out": "--data-out", "recursive": "--recursive", "metadata": "--metadata",
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     sel = parser.add_argument_group("selection")
     sel.add_argument("-m", "--metric", default=calibration.DEFAULT_METRIC,
                      help="Score to maximise: cti (= ts, csi), j (= bmi), p4, f<beta> (e.g. f1, f0.5, f2), "
-                          "or custom (write it in hydra/calibration.py first). (Default: cti)")
+                          "or custom (write it in hydra/calibration/thresholds.py first). (Default: cti)")
     sel.add_argument("-s", "--min-score", metavar="SCORE", type=float,
                      help="Only consider thresholds whose score is at least SCORE. (Default: none)")
     sel.add_argument("-R", "--range", metavar=("MIN", "MAX"), type=float, nargs=2,
@@ -171,7 +171,7 @@ def load_curves(args: argparse.Namespace) -> dict[str, calibration.Curve]:
     curves = read_data(args.data)
     default_dir = project_path(DEFAULT_EXTENSIONS)
     if args.extension or (not args.no_default_extensions and os.path.isdir(default_dir)):
-        from hydra import extensions
+        from hydra.models import extensions
 
         paths = extensions.find_extensions(args.extension, use_default=not args.no_default_extensions,
                                            default_dir=default_dir)
@@ -181,12 +181,12 @@ def load_curves(args: argparse.Namespace) -> dict[str, calibration.Curve]:
 
 def dataset_curves(args: argparse.Namespace) -> tuple[dict[str, calibration.Curve], Provenance]:
     """--from-dataset: run the model over DIR (cached), write its validation CSV, fill in the absent tags."""
-    from hydra import dataset
+    from hydra.calibration import dataset
     from hydra.common import atomic_write, log
-    from hydra.extensions import load_extensions
-    from hydra.resources import resolve_metadata, resolve_model
+    from hydra.models.extensions import load_extensions
+    from hydra.models.resources import resolve_metadata, resolve_model
     from hydra.tagger import JTP3, detect_family
-    from hydra.tags import load_metadata
+    from hydra.tags.rules import load_metadata
 
     checkpoint = resolve_model(args.model)
     jtp3 = detect_family(checkpoint, args.vocab) == JTP3

@@ -16,8 +16,8 @@ import shutil
 import stat
 import sys
 
-from hydra.checkpoint import CheckpointError, load_tensors, read_metadata, save_safetensors
 from hydra.common import log
+from hydra.models.checkpoint import CheckpointError, load_tensors, read_metadata, save_safetensors
 
 
 def build_parser() -> argparse.ArgumentParser:

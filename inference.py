@@ -14,17 +14,17 @@ import os
 import signal
 import sys
 
-from hydra import distributed, interactive
-from hydra.bulk import EXISTING, FORMATS, CaptionSink, CsvSink, PrintSink, caption_path, iter_images, run_bulk
-from hydra.checkpoint import CheckpointError
+from hydra.bulk import distributed, interactive
+from hydra.bulk.run import EXISTING, FORMATS, CaptionSink, CsvSink, PrintSink, caption_path, iter_images, run_bulk
 from hydra.common import log, positive_int
-from hydra.extensions import load_extensions
 from hydra.hub import DownloadError
-from hydra.image import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIZE, DEFAULT_SEQLEN, MAX_SEQLEN, MIN_SEQLEN, is_url
-from hydra.implications import MODE_HELP, MODES
-from hydra.resources import DEFAULT_CALIBRATION, DEFAULT_METADATA, DEFAULT_MODEL, resolve_metadata, resolve_model
+from hydra.images.naflex import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIZE, DEFAULT_SEQLEN, MAX_SEQLEN, MIN_SEQLEN, is_url
+from hydra.models.checkpoint import CheckpointError
+from hydra.models.extensions import load_extensions
+from hydra.models.resources import DEFAULT_CALIBRATION, DEFAULT_METADATA, DEFAULT_MODEL, resolve_metadata, resolve_model
 from hydra.tagger import JTP3, Tagger, detect_family
-from hydra.tags import (
+from hydra.tags.implications import MODE_HELP, MODES
+from hydra.tags.rules import (
     CATEGORIES,
     UNKNOWN_CATEGORY,
     DataFileError,

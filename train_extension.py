@@ -19,13 +19,14 @@ import sys
 
 import torch
 
-from hydra import features, training
-from hydra.checkpoint import CheckpointError
 from hydra.common import choose_dtype, default_device, log, positive_int
 from hydra.hub import DownloadError
-from hydra.model import load_jtp3
-from hydra.optim import AdamWScheduleFree
-from hydra.resources import DEFAULT_MODEL, resolve_model
+from hydra.models.checkpoint import CheckpointError
+from hydra.models.jtp3_net import load_jtp3
+from hydra.models.resources import DEFAULT_MODEL, resolve_model
+from hydra.train import features
+from hydra.train import loop as training
+from hydra.train.optim import AdamWScheduleFree
 
 # Optimizer flags: default None so that "given" can be told apart (they conflict with --resume).
 HYPER = {"lr": 1e-4, "beta1": 0.9, "beta2": 0.999, "beta1_c": 200.0, "weight_decay": 1e-2, "warmup_steps": 20}

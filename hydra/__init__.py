@@ -1,6 +1,6 @@
 """JTP-3 Hydra tagging toolkit: `load_tagger` / `Tagger` to tag images; the rest serves the scripts.
 
-Attributes are imported lazily, so that loader worker processes (which import `hydra.image`) do not pay
+Attributes are imported lazily, so that loader worker processes (which import `hydra.images.naflex`) do not pay
 for torch and timm at start-up.
 """
 
@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 __all__ = ["Tagger", "load_tagger"]
 
 if TYPE_CHECKING:
-    from .tagger import Tagger, load_tagger
+    from hydra.tagger import Tagger, load_tagger
 
 
 def __getattr__(name: str):
     if name in __all__:
-        from . import tagger
+        from hydra import tagger
 
         return getattr(tagger, name)
     raise AttributeError(f"module 'hydra' has no attribute {name!r}")

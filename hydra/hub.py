@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .common import log
+from hydra.common import log
 
 REPO_ID = "RedRocket/JTP-3"
 REPO_URL = f"https://huggingface.co/{REPO_ID}"

@@ -27,11 +27,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .checkpoint import KEY_ARCHITECTURE, CheckpointError, read_metadata
-from .common import choose_dtype, default_device, log
-from .extensions import Extension
-from .image import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIZE, DEFAULT_SEQLEN, DinoV3Preprocess, JTP3Preprocess, collate
-from .resources import DEFAULT_MODEL
+from hydra.common import choose_dtype, default_device, log
+from hydra.images.naflex import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_SIZE,
+    DEFAULT_SEQLEN,
+    DinoV3Preprocess,
+    JTP3Preprocess,
+    collate,
+)
+from hydra.models.checkpoint import KEY_ARCHITECTURE, CheckpointError, read_metadata
+from hydra.models.extensions import Extension
+from hydra.models.resources import DEFAULT_MODEL
 
 ImageSource = str | os.PathLike | bytes | Image.Image
 JTP3, DINOV3 = "jtp3", "dinov3"
@@ -73,7 +80,7 @@ class Tagger:
         dtype: "bf16", "fp32", or None / "auto" (see `hydra.common.choose_dtype`). DINOv3's head stays fp32.
         seqlen: JTP-3 NaFlex sequence length (64..2048).
         max_size: DINOv3 long-edge cap in pixels (the published default 1024).
-        extensions: JTP-3 extensions to merge (see `hydra.extensions.load_extensions`).
+        extensions: JTP-3 extensions to merge (see `hydra.models.extensions.load_extensions`).
         max_pixels: refuse images above this many pixels before decoding (default 256 Mpx; None: no limit).
         exif, white_background: DINOv3 preprocessing fixes, off by default for parity with its script.
     """
@@ -88,7 +95,7 @@ class Tagger:
         self.max_pixels = max_pixels
         self.categories: dict[str, int] | None = None  # from the DINOv3 vocabulary, when it has them
         if self.family == JTP3:
-            from .model import load_jtp3
+            from hydra.models.jtp3_net import load_jtp3
 
             self.model = load_jtp3(checkpoint_path, self.device, self.dtype, list(extensions or []))
             self.labels: list[str] = self.model.labels
@@ -96,7 +103,7 @@ class Tagger:
         else:
             if extensions:
                 raise CheckpointError("extensions are JTP-3 files; the DINOv3 tagger cannot load them")
-            from .dinov3 import load_dinov3
+            from hydra.models.dinov3_net import load_dinov3
 
             vocab_path = vocab_path or find_vocab(checkpoint_path)
             self.model, self.vocab = load_dinov3(checkpoint_path, vocab_path, self.device, self.dtype)

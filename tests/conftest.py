@@ -33,7 +33,7 @@ def tags() -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tags) -> str:
     """A tiny random model over all 7,504 real tags (~1 MB backbone, fast on CPU)."""
-    from hydra.fixtures import write_model
+    from hydra.testing.jtp3 import write_model
 
     return write_model(tmp_path_factory.mktemp("model") / "tiny.safetensors", tags)
 
@@ -41,7 +41,7 @@ def tiny_model(tmp_path_factory, tags) -> str:
 @pytest.fixture(scope="session")
 def full_size_model(tmp_path_factory, tags) -> str:
     """A random model with every key, shape, dtype and metadata field of the real file (~1 GB)."""
-    from hydra.fixtures import write_model
+    from hydra.testing.jtp3 import write_model
 
     return write_model(tmp_path_factory.mktemp("full") / "jtp-3-hydra.safetensors", tags, full_size=True)
 
@@ -49,7 +49,7 @@ def full_size_model(tmp_path_factory, tags) -> str:
 @pytest.fixture(scope="session")
 def small_model(tmp_path_factory) -> tuple[str, list[str]]:
     """A tiny model over 12 made-up tags, for tests that look at individual tags."""
-    from hydra.fixtures import write_model
+    from hydra.testing.jtp3 import write_model
 
     names = [f"tag_{i:02d}" for i in range(12)]
     return write_model(tmp_path_factory.mktemp("small") / "small.safetensors", names, seed=3), names

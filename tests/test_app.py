@@ -34,10 +34,10 @@ import requests
 from PIL import Image, ImageDraw
 
 import app
-from hydra.dinov3_fixtures import write_dinov3_checkpoint, write_vocab
-from hydra.fixtures import write_extension, write_model
-from hydra.tags import TagSettings, format_caption, from_symmetric, load_calibration, load_metadata
-from hydra.webservice import NO_CAM, SOURCE_DEFAULT, SOURCE_TOPK, SOURCE_UPLOAD, Limits, UserError
+from hydra.tags.rules import TagSettings, format_caption, from_symmetric, load_calibration, load_metadata
+from hydra.testing.dinov3 import write_dinov3_checkpoint, write_vocab
+from hydra.testing.jtp3 import write_extension, write_model
+from hydra.web.service import NO_CAM, SOURCE_DEFAULT, SOURCE_TOPK, SOURCE_UPLOAD, Limits, UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 TAGS_CSV = ROOT / "data" / "jtp-3-hydra-tags.csv"
@@ -319,7 +319,7 @@ def test_topk_selection(web, jtp, fixture_files):
 
 
 def test_dinov3_categories_grouping_and_what_is_not_available(web, dino, fixture_files):
-    from hydra import webui
+    from hydra.web import page as webui
 
     plain = web.model("dino-plain.safetensors")
     assert dino.category_name("red fox") == "species" and dino.category_name("fate (series)") == "copyright"
@@ -427,7 +427,7 @@ def test_dinov3_batch(web, dino, fixture_files, tmp_path):
 
 
 def test_batch_limits(web, jtp, fixture_files, tmp_path):
-    from hydra.webservice import WebService
+    from hydra.web.service import WebService
 
     small = WebService([jtp], Limits(2**20, 10**8, 5.0, batch_max_files=2, batch_max_bytes=2**30))
     try:

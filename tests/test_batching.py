@@ -11,7 +11,7 @@ import random
 import numpy as np
 import pytest
 
-from hydra.batching import group_by_length, padding, sample_length
+from hydra.bulk.batching import group_by_length, padding, sample_length
 
 
 def _ident(x: int) -> int:

@@ -25,7 +25,7 @@ import requests
 from PIL import Image
 from test_app import DINO, make_fixture, server_args, start_server, stop_server
 
-from hydra.cam import DESATURATE
+from hydra.web.cam import DESATURATE
 
 CHROMIUM = "/usr/bin/chromium"
 # A closed network makes Chromium hang on Google look-ups without these.

@@ -1,4 +1,4 @@
-"""Tests for build_extension.py and `hydra.training.extension_tensors`.
+"""Tests for build_extension.py and `hydra.train.loop.extension_tensors`.
 
 Covers: flags and defaults; what is written (only q, out_proj.weight and validation; q RMS-normalised;
 bf16 / int32) and the metadata keys; the schedule-free averaged weights rebuilt from the optimizer's z;
@@ -19,13 +19,15 @@ import torch
 import torch.nn.functional as F
 
 import build_extension
-from hydra import features, resources, training
-from hydra.checkpoint import load_tensors, save_safetensors
-from hydra.extensions import FROZEN_COPIES, read_extension
-from hydra.features import Item
-from hydra.fixtures import write_model
-from hydra.model import load_jtp3
-from hydra.optim import AdamWScheduleFree, schedule_free_eval_point
+from hydra.models import resources
+from hydra.models.checkpoint import load_tensors, save_safetensors
+from hydra.models.extensions import FROZEN_COPIES, read_extension
+from hydra.models.jtp3_net import load_jtp3
+from hydra.testing.jtp3 import write_model
+from hydra.train import features
+from hydra.train import loop as training
+from hydra.train.features import Item
+from hydra.train.optim import AdamWScheduleFree, schedule_free_eval_point
 
 TAGS = ["alpha", "beta", "gamma"]
 D, H, E = 64, 2, 16  # tiny fixture: backbone width, heads, head dim

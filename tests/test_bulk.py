@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from hydra.bulk import Summary, caption_path, iter_images
+from hydra.bulk.run import Summary, caption_path, iter_images
 
 
 def test_folder_scan_rules(tmp_path):

@@ -21,11 +21,12 @@ import pytest
 from conftest import noise_image
 
 import calibrate
-from hydra import calibration, dataset
-from hydra.calibration import Curve
-from hydra.dataset import SidecarError, TagMatcher, split_caption, tags_from_json
+from hydra.calibration import dataset
+from hydra.calibration import thresholds as calibration
+from hydra.calibration.dataset import SidecarError, TagMatcher, split_caption, tags_from_json
+from hydra.calibration.thresholds import Curve
 from hydra.tagger import Tagger
-from hydra.tags import caption_tag, rewrite_tag
+from hydra.tags.rules import caption_tag, rewrite_tag
 
 TAGS = ["3d_(artwork)", "canine", "explicit", "fox", "red_fox", "safe", "spread_vulva", "unused_tag", "never_tag"]
 META = "tag,category,implications\nred_fox,5,fox\nfox,5,canine\ncanine,5,\nspread_vulva,0,\n"
@@ -98,7 +99,7 @@ def make_dataset(folder: Path, bad_files: bool = True) -> dict[str, set[str]]:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> str:
-    from hydra.fixtures import write_model
+    from hydra.testing.jtp3 import write_model
 
     return write_model(tmp_path_factory.mktemp("model") / "m.safetensors", TAGS, seed=5)
 
@@ -106,7 +107,7 @@ def model(tmp_path_factory) -> str:
 @pytest.fixture
 def project(tmp_path, monkeypatch) -> Path:
     """tmp_path as the project folder (default data, metadata) and the current directory."""
-    from hydra import resources
+    from hydra.models import resources
 
     monkeypatch.setattr(resources, "ROOT", tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -383,7 +384,7 @@ def test_dataset_errors_are_one_line(model, project, capsys, argv, message):
 
 def test_dinov3_uses_vocabulary_spelling_and_no_default_data(project, capsys, monkeypatch):
     from hydra import hub
-    from hydra.dinov3_fixtures import write_dinov3_checkpoint, write_vocab
+    from hydra.testing.dinov3 import write_dinov3_checkpoint, write_vocab
 
     vocab = ["red fox", "fox", "3d (artwork)", "spread vulva", "spread pussy", "rare tag"]
     write_dinov3_checkpoint(project / "dino.safetensors", vocab, seed=2)

@@ -36,7 +36,7 @@ DEFAULT_OUT = b"tag,threshold,cti\r\n:3,0.4999,0.6000\r\na,0.4999,0.5714\r\nb,0.
 def val(tmp_path, monkeypatch):
     # the project folder (default data and extensions) and the current directory (outputs) are both
     # tmp_path, so no test reads or writes the real checkout
-    from hydra import resources
+    from hydra.models import resources
 
     monkeypatch.setattr(resources, "ROOT", tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -111,7 +111,7 @@ def test_excluding_an_unknown_tag_is_noted(val, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["-m", "auc"], "unknown metric 'auc'; choose one of: cti"),
     (["-m", "f0"], "beta > 0"),
-    (["-m", "custom"], "custom_metric() in hydra/calibration.py"),
+    (["-m", "custom"], "custom_metric() in hydra/calibration/thresholds.py"),
     (["-R", "0.8", "0.2"], "MIN 0.8 is greater than MAX 0.2"),
     (["--plot", "nope"], "--plot: no validation data for 'nope'"),
     (["--data", "missing.csv"], "validation data 'missing.csv' not found"),

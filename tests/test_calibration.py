@@ -1,4 +1,4 @@
-"""Tests for hydra/calibration.py: metrics, validation CSV parsing, threshold selection, counting.
+"""Tests for hydra/calibration/thresholds.py: metrics, validation CSV parsing, threshold selection, counting.
 
 Covers: every metric on hand-computed counts (and its zero conventions); line-numbered CSV errors;
 every selection rule on a 3-candidate tag whose winners were worked out by hand; a property test that
@@ -21,8 +21,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hydra import calibration as cal
-from hydra.calibration import Curve
+from hydra.calibration import thresholds as cal
+from hydra.calibration.thresholds import Curve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,7 +97,7 @@ def test_unknown_metric_lists_the_choices(name):
 
 def test_custom_metric_says_the_user_must_write_it():
     fn = cal.get_metric("custom")
-    with pytest.raises(NotImplementedError, match=r"custom_metric\(\) in hydra/calibration.py"):
+    with pytest.raises(NotImplementedError, match=r"custom_metric\(\) in hydra/calibration/thresholds.py"):
         fn(*np.ones((4, 3)))
 
 
@@ -412,7 +412,7 @@ def test_add_extensions_replaces_appends_skips_and_refuses_conflicts():
 def test_module_imports_without_torch_or_matplotlib():
     # load the file on its own: hydra/__init__.py (the tagger API) may import torch, this module must not
     code = ("import importlib.util, sys; "
-            "spec = importlib.util.spec_from_file_location('calibration', 'hydra/calibration.py'); "
+            "spec = importlib.util.spec_from_file_location('calibration', 'hydra/calibration/thresholds.py'); "
             "spec.loader.exec_module(importlib.util.module_from_spec(spec)); "
             "heavy = {'torch', 'matplotlib'} & set(sys.modules); assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
@@ -422,7 +422,7 @@ def test_extension_file_validation_tensor_is_calibrated(tmp_path):
     torch = pytest.importorskip("torch")
     from safetensors.torch import save_file
 
-    extensions = pytest.importorskip("hydra.extensions")
+    extensions = pytest.importorskip("hydra.models.extensions")
     path = tmp_path / "e.safetensors"
     counts = torch.tensor([[4, 4, 2, 0], [3, 1, 5, 1], [1, 0, 6, 3]], dtype=torch.int32)
     save_file({"q": torch.zeros(2, 1, 4, dtype=torch.bfloat16),

@@ -1,4 +1,4 @@
-"""hydra.cam: the multi-layer CAM (spec §9) on a tiny random model, and the overlay drawing.
+"""hydra.web.cam: the multi-layer CAM (spec §9) on a tiny random model, and the overlay drawing.
 
 The map is checked against a reference written here with plain autograd and a manual loop over the
 backbone blocks (not timm's `forward_intermediates`), including the patch-grid orientation on a
@@ -16,9 +16,9 @@ import torch
 from conftest import noise_image
 from PIL import Image
 
-from hydra.cam import DESATURATE, block_outputs, class_activation_map, display_image, draw_overlay
-from hydra.image import JTP3Preprocess, collate
-from hydra.model import load_jtp3
+from hydra.images.naflex import JTP3Preprocess, collate
+from hydra.models.jtp3_net import load_jtp3
+from hydra.web.cam import DESATURATE, block_outputs, class_activation_map, display_image, draw_overlay
 
 
 @pytest.fixture(scope="module")

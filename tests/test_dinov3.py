@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from hydra.dinov3 import (
+from hydra.models.dinov3_net import (
     DinoV3Preprocess,
     backbone_kwargs,
     backbone_to_timm,
@@ -29,7 +29,7 @@ from hydra.dinov3 import (
     snap_size,
     split_checkpoint,
 )
-from hydra.dinov3_fixtures import write_dinov3_checkpoint, write_vocab
+from hydra.testing.dinov3 import write_dinov3_checkpoint, write_vocab
 
 TAGS = ["solo", "breasts", "anthro", "1girl", "hi res"]
 

@@ -21,8 +21,8 @@ import pytest
 from conftest import ROOT, noise_image
 
 from hydra import Tagger
-from hydra.dinov3_fixtures import write_dinov3_checkpoint, write_vocab
 from hydra.tagger import DINOV3, JTP3, detect_family
+from hydra.testing.dinov3 import write_dinov3_checkpoint, write_vocab
 
 TAGS = [f"tag {i}" for i in range(40)] + ["fate (series)", "\\m/", "hi res"]
 CATS = {t: [0, 1, 3, 4, 5, 7, 8, -1][i % 8] for i, t in enumerate(TAGS)}
@@ -135,7 +135,7 @@ def test_cli_captions_csv_and_formats(dino, folder, tmp_path):
     assert rows[0] == ["filename", *TAGS] and len(rows) == 2
     probs = dict(zip(TAGS, map(float, rows[1][1:])))
     best = sorted(TAGS, key=lambda t: -probs[t])[:30]
-    from hydra.tags import caption_tag
+    from hydra.tags.rules import caption_tag
 
     assert set(caption) == {caption_tag(t) for t in best}
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import edit_metadata
-from hydra.checkpoint import load_tensors, save_safetensors
+from hydra.models.checkpoint import load_tensors, save_safetensors
 
 META = {"classifier.label": "red_square", "modelspec.author": "Me", "b": "it's \"quoted\"\nand two lines"}
 

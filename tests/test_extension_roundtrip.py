@@ -28,7 +28,7 @@ from PIL import Image
 import build_extension
 import edit_metadata
 import train_extension
-from hydra.fixtures import write_model
+from hydra.testing.jtp3 import write_model
 
 REPO = Path(__file__).resolve().parents[1]
 TAGS = ["alpha", "beta", "gamma"]

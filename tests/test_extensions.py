@@ -11,10 +11,10 @@ import torch
 from conftest import noise_image
 from safetensors.torch import load_file, save_file
 
-from hydra.extensions import ExtensionError, find_extensions, load_extensions, read_extension
-from hydra.fixtures import write_extension
-from hydra.image import JTP3Preprocess, collate
-from hydra.model import load_jtp3
+from hydra.images.naflex import JTP3Preprocess, collate
+from hydra.models.extensions import ExtensionError, find_extensions, load_extensions, read_extension
+from hydra.models.jtp3_net import load_jtp3
+from hydra.testing.jtp3 import write_extension
 
 
 def _probs(model, sample):

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import hydra.head as head_module
-from hydra.head import HydraCfg, HydraPool, swiglu
+import hydra.models.head as head_module
+from hydra.models.head import HydraCfg, HydraPool, swiglu
 
 
 def _pool(n_tags: int = 37, dtype: torch.dtype = torch.float32, seed: int = 0) -> HydraPool:

@@ -14,7 +14,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from hydra.image import JTP3Preprocess, collate, open_image, patchify, prepare_image, size_for_seqlen, unpatchify
+from hydra.images.naflex import (
+    JTP3Preprocess,
+    collate,
+    open_image,
+    patchify,
+    prepare_image,
+    size_for_seqlen,
+    unpatchify,
+)
 
 # (W, H, seqlen) -> (W', H'), from spec §2.2
 VECTORS = [

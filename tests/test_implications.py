@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hydra.implications import MODES, ImplicationGraph
-from hydra.tags import TagMetadata, TagRules, load_metadata
+from hydra.tags.implications import MODES, ImplicationGraph
+from hydra.tags.rules import TagMetadata, TagRules, load_metadata
 
 # 4-tag toy vocabulary: trex -> tyrannosaurid -> dinosaur, plus an unrelated tag.
 LABELS = ["dinosaur", "solo", "trex", "tyrannosaurid"]

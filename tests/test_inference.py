@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, noise_image
 
-from hydra.fixtures import write_extension
-from hydra.tags import caption_tag, load_metadata
+from hydra.tags.rules import caption_tag, load_metadata
+from hydra.testing.jtp3 import write_extension
 
 SCRIPT = str(ROOT / "inference.py")
 
@@ -151,7 +151,7 @@ def test_errors_are_one_clear_line(small_model, tmp_path):
 
 
 def test_missing_default_model_offline_says_what_to_do(tmp_path, monkeypatch):
-    import hydra.resources as res
+    import hydra.models.resources as res
 
     if (res.ROOT / res.DEFAULT_MODEL).exists():
         pytest.skip("a real model is installed in models/")

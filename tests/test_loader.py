@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from hydra.loader import ImageLoader, LoadError
+from hydra.bulk.loader import ImageLoader, LoadError
 
 
 def make_sample(item: str) -> dict:

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from conftest import noise_image
 from safetensors.torch import load_file, save_file
 
-from hydra.checkpoint import CheckpointError
-from hydra.fixtures import write_model
-from hydra.image import JTP3Preprocess, collate
-from hydra.model import load_jtp3
+from hydra.images.naflex import JTP3Preprocess, collate
+from hydra.models.checkpoint import CheckpointError
+from hydra.models.jtp3_net import load_jtp3
+from hydra.testing.jtp3 import write_model
 
 
 def reference_logits(state: dict[str, torch.Tensor], meta: dict[str, str], sample: dict) -> torch.Tensor:

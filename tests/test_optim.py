@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hydra import optim
-from hydra.optim import AdamWScheduleFree, schedule_free_eval_point, stochastic_round_bf16
+from hydra.train import optim
+from hydra.train.optim import AdamWScheduleFree, schedule_free_eval_point, stochastic_round_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (3, 5)  # small fixed shape for the exact-arithmetic tests
@@ -242,10 +242,10 @@ def test_impl_choice_is_explicit(monkeypatch):
     assert AdamWScheduleFree([p]).impl_reason == "forced by HYDRA_OPTIM_IMPL"
 
 
-# Runs in a fresh interpreter: TRITON_INTERPRET must be set before hydra.optim decorates its kernel.
+# Runs in a fresh interpreter: TRITON_INTERPRET must be set before hydra.train.optim decorates its kernel.
 TRITON_SCRIPT = r"""
 import torch
-from hydra import optim
+from hydra.train import optim
 assert optim.HAS_TRITON, optim.TRITON_REASON
 
 def ulp(x):

@@ -33,8 +33,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, noise_image
 
-from hydra import distributed
-from hydra.bulk import CsvSink
+from hydra.bulk import distributed
+from hydra.bulk.run import CsvSink
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")  # Ray's notes about its own options
 SCRIPT = str(ROOT / "inference.py")
@@ -143,8 +143,8 @@ def caption_bounds(model, threshold, header, rows, tol=2e-4):
     import dataclasses
 
     import inference
-    from hydra.bulk import caption_path
-    from hydra.tags import caption_tag
+    from hydra.bulk.run import caption_path
+    from hydra.tags.rules import caption_tag
 
     _, settings = inference.load(inference.build_parser().parse_args(["-M", model, "-t", threshold]))
     rules = settings.rules()

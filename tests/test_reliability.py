@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from hydra.tags import DataFileError, load_metadata
+from hydra.tags.rules import DataFileError, load_metadata
 
 SCRIPT = str(ROOT / "inference.py")
 
@@ -223,9 +223,9 @@ def test_killed_run_leaves_no_debris_and_skip_finishes_it(small_model, tmp_path,
 
 
 def test_bad_model_metadata_is_one_clear_error(tmp_path):
-    from hydra.checkpoint import CheckpointError
-    from hydra.fixtures import write_model
-    from hydra.model import load_jtp3
+    from hydra.models.checkpoint import CheckpointError
+    from hydra.models.jtp3_net import load_jtp3
+    from hydra.testing.jtp3 import write_model
 
     write_model(tmp_path / "m.safetensors", ["a", "b", "a"])
     with pytest.raises(CheckpointError, match=r"repeated tags \['a'\]"):

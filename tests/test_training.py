@@ -22,12 +22,13 @@ import torch
 from PIL import Image
 
 import train_extension
-from hydra import features, training
-from hydra.features import Item
-from hydra.fixtures import write_model
-from hydra.image import JTP3Preprocess, collate
-from hydra.model import load_jtp3
-from hydra.optim import AdamWScheduleFree
+from hydra.images.naflex import JTP3Preprocess, collate
+from hydra.models.jtp3_net import load_jtp3
+from hydra.testing.jtp3 import write_model
+from hydra.train import features
+from hydra.train import loop as training
+from hydra.train.features import Item
+from hydra.train.optim import AdamWScheduleFree
 
 TAGS = ["alpha", "beta", "gamma"]
 D = 64  # tiny fixture backbone width

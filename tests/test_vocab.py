@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hydra.vocab import E621_CATEGORY_NAMES, Vocab, load_vocab, parse_vocab
+from hydra.models.vocab import E621_CATEGORY_NAMES, Vocab, load_vocab, parse_vocab
 
 REAL_VOCAB = Path(__file__).resolve().parents[1] / "../shared/reference-data/tagger_vocab.json"
 

@@ -20,11 +20,11 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .bulk import report
-from .checkpoint import CheckpointError, load_tensors, save_safetensors
-from .image import DEFAULT_SEQLEN, JTP3Preprocess, collate
-from .loader import ImageLoader, LoadError
-from .model import JTP3Model
+from hydra.bulk.loader import ImageLoader, LoadError
+from hydra.bulk.run import report
+from hydra.images.naflex import DEFAULT_SEQLEN, JTP3Preprocess, collate
+from hydra.models.checkpoint import CheckpointError, load_tensors, save_safetensors
+from hydra.models.jtp3_net import JTP3Model
 
 POSITIVE, NEGATIVE = "positive", "negative"
 CACHE_DIR = "_cache"

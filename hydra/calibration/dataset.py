@@ -1,7 +1,7 @@
 """Calibration on your own images: true tags from sidecar files, and a resumable cache of probabilities.
 
 `calibrate.py --from-dataset DIR` runs the model once over a folder of tagged images, counts tp/fp/tn/fn per
-tag at the 99 thresholds 0.01..0.99 (`hydra.calibration.counts_from_scores`), and calibrates from those
+tag at the 99 thresholds 0.01..0.99 (`hydra.calibration.thresholds.counts_from_scores`), and calibrates from those
 counts exactly as from RedRocket's validation data. This module holds everything except the selection.
 
 Ground truth (the rules, in one place):
@@ -44,14 +44,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .bulk import iter_images, read_caption, report, run_bulk
-from .calibration import VALIDATION_THRESHOLDS, Curve, counts_from_scores, curves_from_counts
-from .common import atomic_write, log
-from .image import DEFAULT_MAX_SIZE, DEFAULT_SEQLEN
+from hydra.bulk.run import iter_images, read_caption, report, run_bulk
+from hydra.calibration.thresholds import VALIDATION_THRESHOLDS, Curve, counts_from_scores, curves_from_counts
+from hydra.common import atomic_write, log
+from hydra.images.naflex import DEFAULT_MAX_SIZE, DEFAULT_SEQLEN
 
 if TYPE_CHECKING:
-    from .extensions import Extension
-    from .tagger import Tagger
+    from hydra.models.extensions import Extension
+    from hydra.tagger import Tagger
 
 SIDECAR_SUFFIXES = (".json", ".txt")  # looked for in this order: the structured file wins
 CACHE_DIR = ".hydra-calibration"  # inside the dataset folder; the dot keeps folder scans out of it
@@ -277,7 +277,7 @@ def ground_truth(raw: Mapping[str, list[str]], matcher: TagMatcher, implies: Map
 def close_under_implications(truth: np.ndarray, matcher: TagMatcher,
                              implies: Mapping[str, Sequence[str]]) -> np.ndarray:
     """(N, T) truth with every tag implied (transitively) by a true tag set true as well."""
-    from .implications import ImplicationGraph
+    from hydra.tags.implications import ImplicationGraph
 
     graph = ImplicationGraph(matcher.labels, {matcher.name(t): [matcher.name(c) for c in cs]
                                               for t, cs in implies.items()})
@@ -304,14 +304,14 @@ class ModelSpec:
     white_background: bool = False
 
     def family(self) -> str:
-        from .tagger import detect_family
+        from hydra.tagger import detect_family
 
         return detect_family(self.checkpoint, self.vocab)
 
     def key_info(self) -> dict:
         """What the cache key is a hash of: the model files' identity and the settings that change p."""
-        from .common import choose_dtype, default_device
-        from .tagger import JTP3, find_vocab
+        from hydra.common import choose_dtype, default_device
+        from hydra.tagger import JTP3, find_vocab
 
         family = self.family()
         files = [self.checkpoint] + ([] if family == JTP3 else [self.vocab or find_vocab(self.checkpoint)])
@@ -325,7 +325,7 @@ class ModelSpec:
                 "dtype": dtype, **settings}
 
     def load(self) -> Tagger:
-        from .tagger import Tagger
+        from hydra.tagger import Tagger
 
         log(f"Loading '{self.checkpoint}' ...", end="")
         tagger = Tagger(self.checkpoint, self.vocab, device=self.device, dtype=self.dtype, seqlen=self.seqlen,
@@ -588,7 +588,7 @@ def evaluate_dataset(folder: str, model: ModelSpec, *, recursive: bool = False,
         FileNotFoundError: the folder does not exist.
         ValueError: no image has a sidecar naming a model tag.
     """
-    from .tagger import JTP3
+    from hydra.tagger import JTP3
 
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"dataset folder '{folder}' does not exist")

@@ -130,7 +130,7 @@ def _few(keys: list[str], n: int = 4) -> str:
 
 
 def parse_backbone_overrides(path: str | os.PathLike, meta: Mapping[str, str]) -> dict:
-    """The `hydra.backbone` JSON object (test models), or {} when absent."""
+    """The `hydra.models.backbone` JSON object (test models), or {} when absent."""
     raw = meta.get(KEY_BACKBONE)
     if not raw:
         return {}
@@ -155,7 +155,7 @@ def check_architecture(path: str | os.PathLike, meta: Mapping[str, str]) -> str:
 def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                      metadata: Mapping[str, str]) -> None:
     """Write atomically: a hidden temporary file in the same folder, renamed over `path` when complete."""
-    from .common import temp_beside
+    from hydra.common import temp_beside
 
     fd, tmp = temp_beside(path)
     os.close(fd)

@@ -4,9 +4,9 @@ The pipeline (Ray Data streams blocks between the stages with back-pressure, so 
 number of images):
 
     driver: list inputs, skip finished ones
-      -> decode   CPU tasks: `Tagger.preprocess` through `hydra.loader` (crash- and hang-safe); errors are rows
-      -> tag      actor pool: one `hydra.Tagger` per GPU (or CPU actors), batches padded by `hydra.image.collate`
-      -> write    CPU tasks: `.txt` captions with `hydra.bulk.CaptionSink`, or one shard file per task
+      -> decode   CPU tasks: `Tagger.preprocess` through `hydra.bulk.loader` (crash- and hang-safe); errors are rows
+      -> tag      actor pool: one `hydra.Tagger` per GPU (or CPU actors), batches padded by `hydra.images.naflex.collate`
+      -> write    CPU tasks: `.txt` captions with `hydra.bulk.run.CaptionSink`, or one shard file per task
       -> driver:  progress bar, one stderr line per failed file, the summary line of a single-process run
 
 Everything that decides an output is the engine's own code, so outputs equal a single-process run's: captions
@@ -43,10 +43,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .bulk import CaptionSink, CsvSink, PrintSink, Summary
-from .common import AtomicFile, atomic_write, log, positive_int
-from .image import is_url
-from .loader import ImageLoader
+from hydra.bulk.loader import ImageLoader
+from hydra.bulk.run import CaptionSink, CsvSink, PrintSink, Summary
+from hydra.common import AtomicFile, atomic_write, log, positive_int
+from hydra.images.naflex import is_url
 
 RAY_MISSING = "Ray is not installed: pip install -r requirements-ray.txt"
 SHARD_FORMATS = ("csv", "jsonl", "parquet")

@@ -322,7 +322,7 @@ def f_beta(beta: float) -> Metric:
 def custom_metric(tp: np.ndarray, fp: np.ndarray, tn: np.ndarray, fn: np.ndarray) -> np.ndarray:
     """`-m custom`: write your own score here (arrays in, same-shape array out; higher is better)."""
     raise NotImplementedError("the 'custom' metric is a placeholder: write your own score "
-                              "in custom_metric() in hydra/calibration.py")
+                              "in custom_metric() in hydra/calibration/thresholds.py")
 
 
 METRIC_CHOICES = "cti (or ts, csi), j (or bmi), p4, f<beta> such as f1, f0.5 or f2, custom"
@@ -477,7 +477,7 @@ def add_extensions(
     Args:
         curves: tag -> Curve from the validation CSV.
         extensions: objects with `path`, `label` and `validation` (None or (T_v, 4)), e.g.
-            `hydra.extensions.Extension`.
+            `hydra.models.extensions.Extension`.
         log: where to report which extensions are used or skipped (default: stderr).
 
     Returns:

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import ARCHITECTURE, KEY_ARCHITECTURE, CheckpointError, load_tensors, save_safetensors
-from .head import RMS_EPS, HydraPool
-from .resources import DEFAULT_EXTENSIONS, default_extension_dir
+from hydra.models.checkpoint import ARCHITECTURE, KEY_ARCHITECTURE, CheckpointError, load_tensors, save_safetensors
+from hydra.models.head import RMS_EPS, HydraPool
+from hydra.models.resources import DEFAULT_EXTENSIONS, default_extension_dir
 
 IMPLEMENTATION = "redrocket.extension.label.v1"
 DEFAULT_EXTENSION_DIR = DEFAULT_EXTENSIONS

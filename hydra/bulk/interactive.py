@@ -9,10 +9,10 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from .image import MAX_SEQLEN, MIN_SEQLEN
-from .implications import MODES
-from .loader import describe_error
-from .tags import CATEGORIES, TagRules, TagSettings, load_calibration, parse_threshold, to_symmetric
+from hydra.bulk.loader import describe_error
+from hydra.images.naflex import MAX_SEQLEN, MIN_SEQLEN
+from hydra.tags.implications import MODES
+from hydra.tags.rules import CATEGORIES, TagRules, TagSettings, load_calibration, parse_threshold, to_symmetric
 
 BANNER = """JTP-3 Hydra Interactive Classifier
 Type 'q' to quit, or 'h' for help.

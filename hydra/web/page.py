@@ -1,4 +1,4 @@
-"""The web UI (Gradio) and the HTTP API of `app.py`, on top of `hydra.webservice`, which does the work.
+"""The web UI (Gradio) and the HTTP API of `app.py`, on top of `hydra.web.service`, which does the work.
 
 `build_ui` lays out the page: a column of tag settings shared by the image and batch tabs, a model
 selector when more than one model is served, and for each model only the controls it supports (JTP-3:
@@ -31,14 +31,14 @@ from fastapi import APIRouter, Request  # noqa: E402  (FastAPI and Starlette com
 from fastapi.responses import JSONResponse  # noqa: E402
 from starlette.concurrency import run_in_threadpool  # noqa: E402
 
-from .common import log  # noqa: E402
-from .image import DEFAULT_MAX_SIZE, DEFAULT_SEQLEN, MAX_SEQLEN, MIN_SEQLEN  # noqa: E402
-from .implications import MODES  # noqa: E402
-from .loader import describe_error  # noqa: E402
-from .tagger import JTP3  # noqa: E402
-from .tags import CATEGORIES, TagRules, format_caption, to_symmetric  # noqa: E402
-from .vocab import E621_CATEGORY_NAMES  # noqa: E402
-from .webservice import (  # noqa: E402
+from hydra.bulk.loader import describe_error  # noqa: E402
+from hydra.common import log  # noqa: E402
+from hydra.images.naflex import DEFAULT_MAX_SIZE, DEFAULT_SEQLEN, MAX_SEQLEN, MIN_SEQLEN  # noqa: E402
+from hydra.models.vocab import E621_CATEGORY_NAMES  # noqa: E402
+from hydra.tagger import JTP3  # noqa: E402
+from hydra.tags.implications import MODES  # noqa: E402
+from hydra.tags.rules import CATEGORIES, TagRules, format_caption, to_symmetric  # noqa: E402
+from hydra.web.service import (  # noqa: E402
     CATEGORY_ORDER,
     DEFAULT_THRESHOLD,
     FAMILY_TITLES,

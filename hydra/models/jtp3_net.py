@@ -19,8 +19,8 @@ import torch
 from timm.models.naflexvit import NaFlexVit
 from torch import Tensor
 
-from .backbone import create_backbone
-from .checkpoint import (
+from hydra.models.backbone import create_backbone
+from hydra.models.checkpoint import (
     KEY_LABELS,
     CheckpointError,
     check_architecture,
@@ -28,9 +28,9 @@ from .checkpoint import (
     load_tensors,
     parse_backbone_overrides,
 )
-from .extensions import Extension, merge_extensions
-from .head import HydraCfg, HydraPool
-from .resources import DEFAULT_MODEL
+from hydra.models.extensions import Extension, merge_extensions
+from hydra.models.head import HydraCfg, HydraPool
+from hydra.models.resources import DEFAULT_MODEL
 
 
 @dataclass

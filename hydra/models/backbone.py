@@ -15,7 +15,7 @@ mapping is needed. What differs from timm's defaults, and why:
   says: it is the release's path, keeps the scores in fp32, and on CPU its flash kernel ran ~2.5x faster
   than timm's manual attention in bf16 (measured on a 2-core Zen 4 at 1,024 tokens: 62 vs 24 GFLOP/s).
 
-Test models: `overrides` (from the file's `hydra.backbone` metadata) change `embed_dim`, `depth`,
+Test models: `overrides` (from the file's `hydra.models.backbone` metadata) change `embed_dim`, `depth`,
 `num_heads` or `mlp_ratio` and keep every key name.
 """
 
@@ -27,7 +27,7 @@ import timm
 import torch
 from timm.models.naflexvit import NaFlexVit
 
-from .checkpoint import BACKBONE
+from hydra.models.checkpoint import BACKBONE
 
 OVERRIDABLE = ("embed_dim", "depth", "num_heads", "mlp_ratio")
 

@@ -173,7 +173,7 @@ class ImageLoader:
     """Run `fn(item)` for every item in worker processes.
 
     Args:
-        fn: picklable callable item -> dict of tensors (e.g. `hydra.image.JTP3Preprocess`).
+        fn: picklable callable item -> dict of tensors (e.g. `hydra.images.naflex.JTP3Preprocess`).
         workers: number of processes; 0 runs `fn` in the calling process.
         share_memory: pass tensors through shared memory (`--no-shm` turns this off: plain pickling).
         prefetch: items queued per worker.

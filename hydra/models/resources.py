@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .common import log
-from .hub import DownloadError, ensure_file
+from hydra.common import log
+from hydra.hub import DownloadError, ensure_file
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the project folder (hydra/models/ is two below)
 DEFAULT_MODEL = "models/jtp-3-hydra.safetensors"
 DEFAULT_METADATA = "data/jtp-3-hydra-tags.csv"
 DEFAULT_EXTENSIONS = "extensions/jtp-3-hydra"

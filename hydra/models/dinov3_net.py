@@ -32,8 +32,8 @@ from safetensors import SafetensorError, safe_open
 from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
 from torch import Tensor, nn
 
-from .image import IMAGENET_MEAN, IMAGENET_STD, DinoV3Preprocess, snap_size  # noqa: F401 (re-exported)
-from .vocab import Vocab, load_vocab
+from hydra.images.naflex import IMAGENET_MEAN, IMAGENET_STD, DinoV3Preprocess, snap_size  # noqa: F401 (re-exported)
+from hydra.models.vocab import Vocab, load_vocab
 
 TIMM_MODEL = "vit_huge_plus_patch16_dinov3_qkvb"  # the _qkvb variant keeps the trained q / v biases
 PATCH_SIZE = 16

@@ -13,7 +13,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from .dinov3 import HEAD_DIM, METADATA_KEY, PATCH_SIZE
+from hydra.models.dinov3_net import HEAD_DIM, METADATA_KEY, PATCH_SIZE
 
 
 def dinov3_state_dict(
@@ -108,7 +108,7 @@ def write_dinov3_checkpoint(
         head_name: key prefix of the head (the real name is unknown, spec §2.1).
         seed: RNG seed.
         fmt: "safetensors" or "pt" (a plain `torch.save` state dict).
-        num_heads: attention heads; anything but width / 64 is stored in the `hydra.backbone` metadata,
+        num_heads: attention heads; anything but width / 64 is stored in the `hydra.models.backbone` metadata,
             which only safetensors files can carry.
 
     Returns:

@@ -23,7 +23,7 @@ from functools import cached_property
 
 import numpy as np
 
-from .implications import MODES, ImplicationGraph
+from hydra.tags.implications import MODES, ImplicationGraph
 
 # e621 category ids (spec §3.3). `-x` accepts the names.
 CATEGORIES: dict[str, int] = {

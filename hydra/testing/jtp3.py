@@ -1,6 +1,6 @@
 """Random-weight JTP-3 model files in the exact real format, for tests and benchmarks (never a download).
 
-`write_model(path, tags)` writes a tiny model (a small backbone declared in the `hydra.backbone` metadata,
+`write_model(path, tags)` writes a tiny model (a small backbone declared in the `hydra.models.backbone` metadata,
 a small Hydra head); `write_model(path, tags, full_size=True)` writes a file with every key, shape, dtype
 and metadata field of the real `jtp-3-hydra.safetensors` (about 1 GB for 7,504 tags).
 
@@ -16,10 +16,10 @@ from collections.abc import Sequence
 
 import torch
 
-from .backbone import create_backbone
-from .checkpoint import ARCHITECTURE, KEY_ARCHITECTURE, KEY_BACKBONE, KEY_LABELS, save_safetensors
-from .extensions import save_extension
-from .head import HydraCfg, HydraPool
+from hydra.models.backbone import create_backbone
+from hydra.models.checkpoint import ARCHITECTURE, KEY_ARCHITECTURE, KEY_BACKBONE, KEY_LABELS, save_safetensors
+from hydra.models.extensions import save_extension
+from hydra.models.head import HydraCfg, HydraPool
 
 TINY_BACKBONE = {"embed_dim": 64, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}
 TINY_HEAD = {"n_heads": 2, "head_dim": 16, "ff_dim": 48}
@@ -62,7 +62,7 @@ def write_model(path: str | os.PathLike, tags: Sequence[str], *, full_size: bool
 
     Args:
         tags: labels in model order (`classifier.labels`).
-        full_size: the real dimensions (no `hydra.backbone` metadata at all, exactly like the release).
+        full_size: the real dimensions (no `hydra.models.backbone` metadata at all, exactly like the release).
         backbone / head: overrides of the tiny defaults (ignored with full_size).
     """
     if full_size:

@@ -36,14 +36,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from .bulk import SKIP_SUFFIXES, CsvSink, image_extensions
-from .cam import block_outputs, class_activation_map, display_image, draw_overlay
-from .fetch import FetchError, fetch_url
-from .image import MAX_SEQLEN, MIN_SEQLEN, open_image
-from .implications import MODES
-from .loader import describe_error
-from .tagger import DINOV3, JTP3, Tagger
-from .tags import (
+from hydra.bulk.loader import describe_error
+from hydra.bulk.run import SKIP_SUFFIXES, CsvSink, image_extensions
+from hydra.fetch import FetchError, fetch_url
+from hydra.images.naflex import MAX_SEQLEN, MIN_SEQLEN, open_image
+from hydra.models.vocab import E621_CATEGORY_NAMES, UNASSIGNED
+from hydra.tagger import DINOV3, JTP3, Tagger
+from hydra.tags.implications import MODES
+from hydra.tags.rules import (
     CATEGORIES,
     DataFileError,
     TagRules,
@@ -54,7 +54,7 @@ from .tags import (
     load_calibration,
     threshold_vector,
 )
-from .vocab import E621_CATEGORY_NAMES, UNASSIGNED
+from hydra.web.cam import block_outputs, class_activation_map, display_image, draw_overlay
 
 # What the UI and the API accept; every request is validated against these.
 THRESHOLD_MIN, THRESHOLD_MAX = -1.0, 1.0  # symmetric scale s = 2p - 1

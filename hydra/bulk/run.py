@@ -19,10 +19,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .batching import group_by_length, sample_length
-from .common import AtomicFile, atomic_write
-from .loader import ImageLoader, LoadError
-from .tags import TagRules, format_caption
+from hydra.bulk.batching import group_by_length, sample_length
+from hydra.bulk.loader import ImageLoader, LoadError
+from hydra.common import AtomicFile, atomic_write
+from hydra.tags.rules import TagRules, format_caption
 
 # Files never treated as images (the original's skip list, matched case-insensitively here).
 SKIP_SUFFIXES = (".txt", ".csv", ".json", ".py", ".safetensors")

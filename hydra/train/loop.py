@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError
-from .common import atomic_write, log
-from .features import NEGATIVE, POSITIVE, Item, load_features
-from .head import HydraPool
-from .optim import schedule_free_eval_point
+from hydra.common import atomic_write, log
+from hydra.models.checkpoint import CheckpointError
+from hydra.models.head import HydraPool
+from hydra.train.features import NEGATIVE, POSITIVE, Item, load_features
+from hydra.train.optim import schedule_free_eval_point
 
 TRAINABLE = ("q", "out_proj.weight")  # names inside attn_pool; optimizer names carry the prefix
 PREFIX = "attn_pool."

@@ -23,8 +23,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torch import Tensor
 
-from .image import collate, to_black_background, to_srgb, unpatchify
-from .model import JTP3Model
+from hydra.images.naflex import collate, to_black_background, to_srgb, unpatchify
+from hydra.models.jtp3_net import JTP3Model
 
 DISPLAY_MAX_SIDE = 1080      # the original shows images with a longer side downscaled to this
 DESATURATE = 0.33            # blend toward grayscale before the overlay

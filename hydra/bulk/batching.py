@@ -1,6 +1,6 @@
 """Grouping loaded images into batches of similar length, with a bounded look-ahead window.
 
-Why: a batch runs at the length of its longest member (`hydra.image.collate` pads the rest, and attention
+Why: a batch runs at the length of its longest member (`hydra.images.naflex.collate` pads the rest, and attention
 grows with the square of the length), so in arrival order a mixed folder pays for padding it does not need.
 Sorting the whole run would pad nothing, but it would hold every image in memory and give the first result
 only after all files were decoded. The middle way: keep a window of loaded samples and always emit the
@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from .image import PATCH_SIZE
+from hydra.images.naflex import PATCH_SIZE
 
 T = TypeVar("T")
 WINDOW_BATCHES = 4   # default look-ahead: this many batches' worth of samples

@@ -70,7 +70,7 @@ def open_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int 
         exif: apply the EXIF orientation (JTP-3 does; the DINOv3 tagger's published script does not).
     """
     if is_url(source):
-        from .fetch import fetch_url
+        from hydra.fetch import fetch_url
 
         source = fetch_url(source)
     if isinstance(source, Image.Image):
