@@ -26,16 +26,8 @@ BATCH_MAX_FILES = 2000        # images per batch request (zip members included)
 BATCH_MAX_MB = 1024           # total size of one batch request, uncompressed (also the upload limit for zips)
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 DEFAULT_THRESHOLD_ARG = "0.3"  # the UI slider's default, used when there is no usable calibration.csv
-# inference.py flags this script shares (same names, same meaning), handed to `inference.load` per model family.
-SHARED_FLAGS = ("device", "dtype")
-JTP3_FLAGS = ("metadata", "extension", "no_default_extensions", "original_tags", "seqlen")
-DINOV3_FLAGS = ("max_size", "exif", "white_background")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from hydra.images.naflex import DEFAULT_MAX_SIZE, DEFAULT_SEQLEN, MAX_SEQLEN, MIN_SEQLEN
-    from hydra.models.resources import DEFAULT_METADATA, DEFAULT_MODEL
-    from hydra.web.service import MAX_SIZE_MAX, MAX_SIZE_MIN
+    from hydra import cli
 
     p = argparse.ArgumentParser(description="JTP-3 Hydra WebUI by Project RedRocket", allow_abbrev=False)
     g = p.add_argument_group("server")
@@ -50,37 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--url-timeout", type=float, default=URL_TIMEOUT,
                    help=f"Seconds allowed to fetch an image URL. (Default: {URL_TIMEOUT:g})")
     g = p.add_argument_group("models")
-    g.add_argument("-M", "--model", metavar="PATH", action="append",
-                   help="Path to model file: JTP-3 Hydra, or a DINOv3 tagger checkpoint (recognised from the file). "
-                        "Repeat to serve several: the UI gets a model selector and the API a 'model' field, both "
-                        f"naming models by file name; the first is the default. (Default: {DEFAULT_MODEL})")
-    g.add_argument("-d", "--device", metavar="TORCH_DEVICE",
-                   help="Torch device. (Default: cuda if available, else cpu)")
-    g.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="Compute dtype. (Default: auto = bf16 on GPUs and on CPUs with native bf16, else fp32)")
-    g = p.add_argument_group("JTP-3 models")
-    g.add_argument("-m", "--metadata", metavar="PATH",
-                   help=f"Path to CSV file with additional tag metadata. (Default: {DEFAULT_METADATA}; '' = none)")
-    g.add_argument("-e", "--extension", metavar="PATH", action="append", default=[],
-                   help="Path to extension. May be specified multiple times. If a directory is specified, all "
-                        "extensions in the specified directory are loaded. (Default: extensions/jtp-3-hydra)")
-    g.add_argument("-E", "--no-default-extensions", action="store_true", help="Do not load extensions by default.")
+    cli.add_model_flag(g, repeat=True, help_extra="Repeat to serve several: the UI gets a model selector and the "
+                       "API a 'model' field, both naming models by file name; the first is the default. ")
+    cli.add_device_flags(g)
+    cli.add_size_flags(g)
+    g = p.add_argument_group("tag data and extensions (for the models they apply to)")
+    cli.add_metadata_flag(g)
+    cli.add_extension_flags(g)
     g.add_argument("-O", "--original-tags", action="store_true",
-                   help="Do not rewrite tags for compatibility with diffusion models.")
-    g.add_argument("-S", "--seqlen", type=int, default=DEFAULT_SEQLEN,
-                   help=f"Initial NaFlex sequence length. (Default: {DEFAULT_SEQLEN}; {MIN_SEQLEN} to {MAX_SEQLEN})")
-    g = p.add_argument_group("DINOv3 tagger models")
-    g.add_argument("--vocab", metavar="PATH", action="append", default=[],
-                   help="Vocabulary JSON of a DINOv3 model; repeatable, matched in order to the DINOv3 models among "
-                        "the -M files. (Default: tagger_vocab_with_categories.json or tagger_vocab.json next to the "
-                        "checkpoint; categories are shown and can be excluded only with the former)")
-    g.add_argument("--max-size", metavar="PX", type=int, default=DEFAULT_MAX_SIZE,
-                   help=f"Initial cap on the long image edge, never upscaled. (Default: {DEFAULT_MAX_SIZE}; "
-                        f"{MAX_SIZE_MIN} to {MAX_SIZE_MAX})")
-    g.add_argument("--exif", action="store_true",
-                   help="Apply EXIF orientation (the published script does not; off for parity).")
-    g.add_argument("--white-background", action="store_true",
-                   help="Composite transparency on white (the published script drops alpha; off for parity).")
+                   help="Do not rewrite tags for compatibility with diffusion models (JTP-3's vulva -> pussy).")
+    cli.add_dinov3_flags(p.add_argument_group("DINOv3 tagger models"), repeat_vocab=True)
     return p
 
 
@@ -108,58 +79,64 @@ def make_web(args: argparse.Namespace):
     Raises:
         CheckpointError, DataFileError, DownloadError, OSError, ValueError: a bad flag or file.
     """
-    import inference
+    from hydra import cli
     from hydra.common import log
-    from hydra.images.naflex import MAX_SEQLEN, MIN_SEQLEN
-    from hydra.models.resources import resolve_model
-    from hydra.tagger import JTP3, detect_family, find_vocab
-    from hydra.web.service import FAMILY_TITLES, MAX_SIZE_MAX, MAX_SIZE_MIN, Limits, WebModel, WebService
+    from hydra.web.service import Limits, WebModel, WebService
 
-    if not MIN_SEQLEN <= args.seqlen <= MAX_SEQLEN:
-        raise ValueError(f"--seqlen must be between {MIN_SEQLEN} and {MAX_SEQLEN}")
-    if not MAX_SIZE_MIN <= args.max_size <= MAX_SIZE_MAX:
-        raise ValueError(f"--max-size must be between {MAX_SIZE_MIN} and {MAX_SIZE_MAX}")
     if args.max_upload_mb <= 0 or args.url_timeout <= 0:
         raise ValueError("--max-upload-mb and --url-timeout must be positive")
-    paths = [resolve_model(p) for p in args.model or [None]]
-    families = [detect_family(p) for p in paths]
-    _check_models(args, paths, families)
-    threshold = startup_threshold() if JTP3 in families else None
+    models = [cli.resolve_model(p) for p in args.model or [None]]
+    _check_models(args, models)
+    csv_threshold = startup_threshold() if any(f.calibration == "csv" for _, f in models) else None
     vocabs = iter(args.vocab)
-    models = []
-    for i, (path, family, name) in enumerate(zip(paths, families, model_names(paths)), 1):
-        log(f"Model {i} of {len(paths)}: {name} ({FAMILY_TITLES[family]})")
-        # The CLI's own defaults for every inference flag, then this script's flags for the model's family on
-        # top. The UI owns the selection (calibration.csv, the slider or top k), implications and exclusions.
-        load_args = inference.build_parser().parse_args([])
-        for flag in SHARED_FLAGS + (JTP3_FLAGS if family == JTP3 else DINOV3_FLAGS):
-            setattr(load_args, flag, getattr(args, flag))
-        load_args.model = path
-        if family == JTP3:
-            load_args.threshold = threshold
-        else:
-            load_args.vocab = next(vocabs, None) or find_vocab(path)
-        tagger, settings = inference.load(load_args)
-        models.append(WebModel(name, path, tagger, settings, load_args.vocab))
+    loaded = []
+    for i, ((path, family), name) in enumerate(zip(models, model_names([p for p, _ in models])), 1):
+        log(f"Model {i} of {len(models)}: {name} ({family.title})")
+        # Each model gets the flags its family uses, loaded as inference.py loads it. The UI owns the selection
+        # (a calibration, the slider or top k), implications and exclusions.
+        load_args = argparse.Namespace(model=path, device=args.device, dtype=args.dtype, max_pixels=MAX_PIXELS,
+                                       threshold=csv_threshold if family.calibration == "csv" else None,
+                                       **family_flags(args, family))
+        if "vocab" in family.options:
+            load_args.vocab = next(vocabs, None)
+        tagger, settings = cli.load_run(load_args)
+        loaded.append(WebModel(name, path, tagger, settings))
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=MAX_PIXELS,
                     url_timeout=args.url_timeout, batch_max_files=BATCH_MAX_FILES,
                     batch_max_bytes=BATCH_MAX_MB * 2**20)
-    return WebService(models, limits)
+    return WebService(loaded, limits)
 
 
-def _check_models(args: argparse.Namespace, paths: list[str], families: list[str]) -> None:
+def family_flags(args: argparse.Namespace, family) -> dict:
+    """This script's flags that a model of `family` uses (a tags CSV, extensions, renames, its size, its
+    options); the others stay at their defaults for it."""
+    flags = {family.size.name: getattr(args, family.size.name)}
+    if family.metadata_file is not None:
+        flags["metadata"] = args.metadata
+    if family.extension_dir is not None:
+        flags.update(extension=args.extension, no_default_extensions=args.no_default_extensions)
+    if family.caption.renames:
+        flags["original_tags"] = args.original_tags
+    flags.update({name: getattr(args, name) for name in family.options if name != "vocab"})
+    return flags
+
+
+def _check_models(args: argparse.Namespace, models: list) -> None:
     """Flags that cannot apply to the configured models: say so before anything is loaded."""
-    from hydra.tagger import DINOV3, JTP3
-
+    paths = [p for p, _ in models]
     if len({os.path.realpath(p) for p in paths}) < len(paths):
         raise ValueError("the same model file is given twice with -M")
-    dinos = families.count(DINOV3)
-    if len(args.vocab) > dinos:
-        raise ValueError(f"{len(args.vocab)} --vocab for {dinos} DINOv3 tagger checkpoint(s) among the -M files "
-                         "(each --vocab goes to the next DINOv3 model, in order)")
-    if JTP3 not in families and (args.metadata is not None or args.extension):
-        raise ValueError("-m and -e are for JTP-3 models, and none is configured (a DINOv3 model takes its "
-                         "categories from its vocabulary; for implications use inference.py -m)")
+    vocab_models = sum("vocab" in f.options for _, f in models)
+    if len(args.vocab) > vocab_models:
+        raise ValueError(f"{len(args.vocab)} --vocab for {vocab_models} DINOv3 tagger checkpoint(s) among the -M "
+                         "files (each --vocab goes to the next DINOv3 model, in order)")
+    from hydra.models import families
+
+    for flag, given, uses in (("-m", args.metadata is not None, lambda f: f.metadata_file),
+                              ("-e", bool(args.extension), lambda f: f.extension_dir)):
+        if given and not any(uses(f) for _, f in models):
+            users = ", ".join(f.title for f in families() if uses(f))
+            raise ValueError(f"{flag} is for {users} models, and none is configured")
 
 
 def model_names(paths: list[str]) -> list[str]:

@@ -3,36 +3,27 @@
     python build_extension.py train/my_tag/checkpoints/20260101-120000_e66.pt my_tag general
     python build_extension.py -a "Me" -i dragon -i gryphon CHECKPOINT dragon_on_top_gryphon_on_bottom general
     python build_extension.py -o my_extensions -r CHECKPOINT my_tag species my_tag_v2
+    python build_extension.py -I canine HYDRA35_CHECKPOINT my_canine_tag species   # canine implies the new tag
 
-The checkpoint holds the schedule-free training point y; the extension gets the averaged weights x that
-the validation measured (rebuilt from the optimizer's z), q RMS-normalised as the base model stores it,
-and the validation counts for calibration.
+The checkpoint says which model family it was trained for (upstream's checkpoints are JTP-3's). JTP-3 gets
+upstream's v1 file (q RMS-normalised, as the base model stores it); Hydra 3.5 a v2 file naming its base
+model by title. Either holds the averaged weights x that the validation measured (rebuilt from the
+optimizer's z) and the validation counts for calibration.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 
 from hydra.common import log
-from hydra.models.checkpoint import ARCHITECTURE, KEY_ARCHITECTURE, CheckpointError
-from hydra.models.extensions import (
-    DEFAULT_EXTENSION_DIR,
-    IMPLEMENTATION,
-    KEY_CATEGORY,
-    KEY_IMPLEMENTATION,
-    KEY_IMPLIES,
-    KEY_LABEL,
-    save_extension,
-)
+from hydra.models.checkpoint import CheckpointError
+from hydra.models.family import Family
 from hydra.models.resources import project_path
 from hydra.tags.rules import CATEGORIES
 from hydra.train import loop as training
-
-DESCRIPTION = ("This is an extension for the RedRocket JTP-3 Hydra image classifier. You can find usage "
-               "instructions at https://huggingface.co/RedRocket/JTP-3.")
+from hydra.train.export import DESCRIPTION  # noqa: F401  (the v1 description, importable here as before)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,21 +36,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Output name without .safetensors. (Default: TAG with '/' and '.' replaced by '_')")
     g = p.add_argument_group("output")
     g.add_argument("-o", "--output-dir", metavar="DIR",
-                   help=f"Where to write the extension. (Default: {DEFAULT_EXTENSION_DIR} in the project folder, "
-                        "created if needed)")
+                   help="Where to write the extension. (Default: the model family's extensions folder in the "
+                        "project folder, created if needed: extensions/jtp-3-hydra, extensions/hydra-3.5)")
     g.add_argument("-r", "--replace", action="store_true", help="Overwrite an existing extension file.")
     g = p.add_argument_group("metadata")
     g.add_argument("-a", "--author", help="Author name. (Default: none)")
     g.add_argument("-l", "--license", default="MIT", help="License. (Default: MIT)")
-    g.add_argument("-T", "--title", help="Title. (Default: 'JTP-3 Hydra Extension: TAG')")
+    g.add_argument("-T", "--title", help="Title. (Default: 'JTP-3 Hydra Extension: TAG', 'Hydra 3.5 Extension: TAG')")
     g.add_argument("-L", "--language", default="en/US", help="Language. (Default: en/US)")
     g.add_argument("-i", "--implies", metavar="TAG", action="append", default=[],
                    help="A tag this tag implies. May be specified multiple times.")
+    g.add_argument("-I", "--implied-by", metavar="TAG", action="append", default=[],
+                   help="A model tag that implies this tag (Hydra 3.5 only). May be specified multiple times.")
     return p
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for what, tag in [("TAG", args.tag), *(("-i", t) for t in args.implies)]:
+    for what, tag in [("TAG", args.tag), *(("-i", t) for t in args.implies), *(("-I", t) for t in args.implied_by)]:
         if not tag or any(c in tag for c in " \\\t\r\n"):
             raise ValueError(f"{what} {tag!r}: a tag must be non-empty and contain no space, backslash, tab or "
                              "line break (use e621 spelling with underscores)")
@@ -69,32 +62,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"FILE_NAME {args.file_name!r} must be non-empty and contain no '/', '\\' or '.'")
 
 
-def extension_metadata(args: argparse.Namespace) -> dict[str, str]:
-    """The extension's metadata (spec §6.1), in the order upstream prints it."""
-    meta = {
-        "modelspec.sai_model_spec": "1.0.0",
-        KEY_ARCHITECTURE: ARCHITECTURE,
-        KEY_IMPLEMENTATION: IMPLEMENTATION,
-        "modelspec.description": DESCRIPTION,
-        "modelspec.date": datetime.date.today().isoformat(),
-        "modelspec.tags": "Image Classification",
-        KEY_LABEL: args.tag,
-        KEY_CATEGORY: args.category,
-    }
-    if args.implies:
-        meta[KEY_IMPLIES] = " ".join(sorted(set(args.implies)))
-    meta["modelspec.title"] = args.title or f"JTP-3 Hydra Extension: {args.tag}"
-    if args.author:
-        meta["modelspec.author"] = args.author
-    meta["modelspec.license"] = args.license
-    meta["modelspec.language"] = args.language
-    return meta
-
-
-def output_path(args: argparse.Namespace) -> str:
+def output_path(args: argparse.Namespace, family: Family) -> str:
     folder = args.output_dir
     if folder is None:
-        folder = project_path(DEFAULT_EXTENSION_DIR)
+        folder = project_path(family.extension_dir)
         os.makedirs(folder, exist_ok=True)
     elif not os.path.isdir(folder):
         raise FileNotFoundError(f"output directory '{folder}' does not exist")
@@ -108,21 +79,23 @@ def output_path(args: argparse.Namespace) -> str:
 def main(args: argparse.Namespace) -> int:
     try:
         check_args(args)
-        path = output_path(args)
         log(f"Loading checkpoint '{args.checkpoint}'...")
         ckpt = training.load_checkpoint(args.checkpoint)
+        family = training.checkpoint_family(ckpt)
+        family.require_training()
+        path = output_path(args, family)
         if ckpt.get("validation") is None:
             log("Warning: the checkpoint has no validation data. Calibration will not be supported.")
         log("Preparing metadata...")
-        meta = extension_metadata(args)
+        meta = family.extension_metadata(ckpt, tag=args.tag, category=args.category, implies=args.implies,
+                                         implied_by=args.implied_by, title=args.title, author=args.author,
+                                         license=args.license, language=args.language)
         for key, value in meta.items():
             log(f"{key}: {value!r}")
         log("Building extension...")
-        q, out_proj, validation = training.extension_tensors(ckpt)
-        log(f"Normalize: attn_pool.q (RMSNorm: each head's query gets L2 norm sqrt({q.shape[-1]}), as the base "
-            "model stores q)")
+        tensors, validation = family.extension_tensors(ckpt, log)
         log(f"Saving extension '{path}'...")
-        save_extension(path, q, out_proj, meta, validation)
+        family.write_extension(path, tensors, meta, validation)
     except (CheckpointError, OSError, ValueError) as e:
         log(f"error: {e}")
         return 2

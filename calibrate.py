@@ -20,14 +20,14 @@ import sys
 import urllib.parse
 from typing import TYPE_CHECKING
 
+from hydra import cli
 from hydra.calibration import thresholds as calibration
-from hydra.common import positive_int
+from hydra.cli import positive_int
 from hydra.hub import DownloadError
-from hydra.images.naflex import DEFAULT_MAX_SIZE, DEFAULT_SEQLEN, MAX_SEQLEN, MIN_SEQLEN
+from hydra.models import get as get_family
+from hydra.models.family import Family
 from hydra.models.resources import (
-    DEFAULT_EXTENSIONS,
     DEFAULT_METADATA,
-    DEFAULT_MODEL,
     DEFAULT_VALIDATION,
     VALIDATION_SHA256,
     VALIDATION_SIZE,
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 # flags that only mean something with --from-dataset (dest -> flag, for the error message)
 DATASET_ONLY = {"data_out": "--data-out", "recursive": "--recursive", "metadata": "--metadata",
-                "min_positives": "--min-positives", "refresh": "--refresh", "model": "-M", "vocab": "--vocab",
+                "min_positives": "--min-positives", "refresh": "--refresh", "vocab": "--vocab",
                 "seqlen": "-S", "device": "-d", "dtype": "--dtype", "batch": "-b", "workers": "-w",
                 "no_shm": "--no-shm", "max_size": "--max-size", "exif": "--exif",
                 "white_background": "--white-background"}
@@ -79,9 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Do not load the extensions in extensions/jtp-3-hydra.")
 
     sel = parser.add_argument_group("selection")
-    sel.add_argument("-m", "--metric", default=calibration.DEFAULT_METRIC,
-                     help="Score to maximise: cti (= ts, csi), j (= bmi), p4, f<beta> (e.g. f1, f0.5, f2), "
-                          "or custom (write it in hydra/calibration/thresholds.py first). (Default: cti)")
+    sel.add_argument("-m", "--metric",
+                     help="Score to maximise: cti (= ts, csi), csi<w>, j (= bmi), p4, f<beta> (e.g. f1, f0.5, f2), "
+                          "or custom (write it in hydra/calibration/thresholds.py first); METRIC@P adds a precision "
+                          "floor, as Hydra 3.5 writes it (f1.0@0.1). (Default: cti; f1.0@0.1 for a model that "
+                          "carries its validation counts, such as Hydra 3.5)")
     sel.add_argument("-s", "--min-score", metavar="SCORE", type=float,
                      help="Only consider thresholds whose score is at least SCORE. (Default: none)")
     sel.add_argument("-R", "--range", metavar=("MIN", "MAX"), type=float, nargs=2,
@@ -89,10 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "(Default: none)")
     sel.add_argument("-p", "--min-precision", metavar="P", type=float,
                      help="Only consider thresholds with precision >= P. "
-                          f"(Default: {calibration.DEFAULT_MIN_PRECISION})")
+                          f"(Default: {calibration.DEFAULT_MIN_PRECISION}, or the metric's @P; with a model's "
+                          "embedded counts, the metric's @P or none)")
     sel.add_argument("-r", "--min-recall", metavar="R", type=float,
                      help="Only consider thresholds with recall >= R. "
-                          f"(Default: {calibration.DEFAULT_MIN_RECALL})")
+                          f"(Default: {calibration.DEFAULT_MIN_RECALL}; none with a model's embedded counts)")
     sel.add_argument("-x", "--exclude-tags", metavar="TAG", nargs="+", action="extend", default=[],
                      help="Leave these tags out (e621 spelling, e.g. 3d_(artwork); vulva, not pussy).")
     sel.add_argument("--epsilon", metavar="EPS", type=float,
@@ -107,42 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--plot-dir", metavar="DIR", default="calibration-plots",
                      help="Folder for --plot images. (Default: calibration-plots)")
 
-    # the same names as inference.py; defaults None so that we can tell they were given without --from-dataset
+    # the same flags as inference.py; defaults None so that we can tell they were given without --from-dataset
     model = parser.add_argument_group("model (with --from-dataset; as in inference.py)")
-    model.add_argument("-M", "--model", metavar="PATH", help=f"Model file. (Default: {DEFAULT_MODEL})")
-    model.add_argument("--vocab", metavar="PATH",
-                       help="Vocabulary JSON of the DINOv3 tagger. (Default: tagger_vocab*.json next to the model)")
-    model.add_argument("-S", "--seqlen", type=_seqlen,
-                       help=f"NaFlex sequence length. (Default: {DEFAULT_SEQLEN}; {MIN_SEQLEN} to {MAX_SEQLEN})")
-    model.add_argument("--max-size", metavar="PX", type=_max_size,
-                       help=f"DINOv3: cap on the long image edge. (Default: {DEFAULT_MAX_SIZE})")
-    model.add_argument("--exif", action="store_true", default=None, help="DINOv3: apply EXIF orientation.")
-    model.add_argument("--white-background", action="store_true", default=None,
-                       help="DINOv3: composite transparency on white.")
-    model.add_argument("-d", "--device", metavar="TORCH_DEVICE",
-                       help="Torch device. (Default: cuda if available, else cpu)")
-    model.add_argument("--dtype", choices=("auto", "bf16", "fp32"),
-                       help="Compute dtype. (Default: auto = bf16 on GPUs and on CPUs with native bf16, else fp32)")
-    model.add_argument("-b", "--batch", metavar="BATCH_SIZE", type=positive_int, help="Batch size. (Default: 1)")
-    model.add_argument("-w", "--workers", metavar="N_WORKERS", type=int,
-                       help="Image loader processes. (Default: number of cores; 0 = load in this process)")
-    model.add_argument("--no-shm", action="store_true", default=None,
-                       help="Pass decoded images through pipes instead of shared memory.")
+    cli.add_model_flag(model)
+    cli.add_dinov3_flags(model, unset=True)
+    cli.add_size_flags(model, unset=True)
+    cli.add_device_flags(model, unset=True)
+    cli.add_loader_flags(model, unset=True)
     return parser
-
-
-def _max_size(text: str) -> int:
-    n = int(text)
-    if not 16 <= n <= 8192:
-        raise argparse.ArgumentTypeError("must be between 16 and 8192")
-    return n
-
-
-def _seqlen(text: str) -> int:
-    n = int(text)
-    if not MIN_SEQLEN <= n <= MAX_SEQLEN:
-        raise argparse.ArgumentTypeError(f"must be between {MIN_SEQLEN} and {MAX_SEQLEN}")
-    return n
 
 
 def read_data(path: str | None, optional: bool = False) -> dict[str, calibration.Curve] | None:
@@ -166,43 +141,55 @@ def read_data(path: str | None, optional: bool = False) -> dict[str, calibration
     return calibration.read_validation_csv(path)
 
 
-def load_curves(args: argparse.Namespace) -> dict[str, calibration.Curve]:
-    """Validation curves from the CSV (the default one is downloaded if missing), plus extensions."""
+def load_curves(args: argparse.Namespace, family: Family, model_path: str | None) -> dict[str, calibration.Curve]:
+    """The validation curves to calibrate from, as the family keeps them: RedRocket's validation CSV (the default
+    one is downloaded if missing) plus extensions for JTP-3, the counts inside the model file for Hydra 3.5."""
+    extensions = cli.find_extensions(args, family)
+    if family.calibration == "embedded" and not args.data:
+        curves = family.validation_curves(model_path, family.read_extensions(extensions))
+        print(f"Calibrating from the validation counts inside '{model_path}'.", file=sys.stderr)
+        return curves
+    if family.calibration == "none" and not args.data:
+        raise ValueError(f"{family.title} models come with no validation data: calibrate on your own images with "
+                         "--from-dataset DIR, or give --data PATH")
     curves = read_data(args.data)
-    default_dir = project_path(DEFAULT_EXTENSIONS)
-    if args.extension or (not args.no_default_extensions and os.path.isdir(default_dir)):
-        from hydra.models import extensions
-
-        paths = extensions.find_extensions(args.extension, use_default=not args.no_default_extensions,
-                                           default_dir=default_dir)
-        curves = calibration.add_extensions(curves, [extensions.read_extension(p) for p in paths])
+    if extensions:
+        curves = calibration.add_extensions(curves, family.read_extensions(extensions))
     return curves
+
+
+def calibration_family(args: argparse.Namespace) -> tuple[Family, str | None]:
+    """The family (and model file) whose validation data is used: -M's, else the default model's, which is not
+    downloaded for this (its validation CSV is all that is needed)."""
+    if args.model is None and args.from_dataset is None:
+        return get_family("jtp3"), None  # the default model's family: RedRocket's validation CSV is JTP-3's
+    path, family = cli.resolve_model(args.model)
+    return family, path
 
 
 def dataset_curves(args: argparse.Namespace) -> tuple[dict[str, calibration.Curve], Provenance]:
     """--from-dataset: run the model over DIR (cached), write its validation CSV, fill in the absent tags."""
     from hydra.calibration import dataset
     from hydra.common import atomic_write, log
-    from hydra.models.extensions import load_extensions
-    from hydra.models.resources import resolve_metadata, resolve_model
-    from hydra.tagger import JTP3, detect_family
+    from hydra.models.family import ModelOptions
+    from hydra.models.resources import resolve_metadata
+    from hydra.tagger import TaggerSpec
     from hydra.tags.rules import load_metadata
 
-    checkpoint = resolve_model(args.model)
-    jtp3 = detect_family(checkpoint, args.vocab) == JTP3
-    extensions = load_extensions(args.extension, jtp3 and not args.no_default_extensions)
-    model = dataset.ModelSpec(checkpoint, args.vocab, extensions, device=args.device, dtype=args.dtype,
-                              seqlen=args.seqlen or DEFAULT_SEQLEN, max_size=args.max_size or DEFAULT_MAX_SIZE,
-                              exif=bool(args.exif), white_background=bool(args.white_background))
+    checkpoint, family = cli.resolve_model(args.model)
+    cli.check_family_options(args, family, checkpoint)
+    extensions = cli.find_extensions(args, family)
+    options = ModelOptions(extensions=extensions, vocab=args.vocab, exif=bool(args.exif),
+                           white_background=bool(args.white_background))
+    size = getattr(args, family.size.name) or family.size.default
+    spec = TaggerSpec(checkpoint, options, size, args.device, args.dtype)
     implies = None
-    if metadata_path := (resolve_metadata(args.metadata) if jtp3 else args.metadata or None):
+    if metadata_path := resolve_metadata(args.metadata, family.metadata_file):
         implies = load_metadata(metadata_path, rewrite=lambda t: t).implies
         log(f"True tags are completed with the implications in '{metadata_path}'.")
-    cores = (os.process_cpu_count() if hasattr(os, "process_cpu_count") else os.cpu_count()) or 1
     result = dataset.evaluate_dataset(
-        args.from_dataset, model, recursive=args.recursive, implies=implies, refresh=bool(args.refresh),
-        batch_size=args.batch or 1, workers=cores if args.workers is None or args.workers < 0 else args.workers,
-        share_memory=not args.no_shm)
+        args.from_dataset, spec, recursive=args.recursive, implies=implies, refresh=bool(args.refresh),
+        batch_size=args.batch or 1, workers=cli.worker_count(args.workers, 1 << 30), share_memory=not args.no_shm)
     data, positives = result.curves()
     out = args.data_out or os.path.join(args.from_dataset, "validation.csv")
     with atomic_write(out, "w", newline="") as f:
@@ -210,13 +197,16 @@ def dataset_curves(args: argparse.Namespace) -> tuple[dict[str, calibration.Curv
     log(f"Wrote '{out}': {len(data)} tags occurring in {len(result.truth.images)} images.")
 
     fallbacks = []
-    if extension_curves := calibration.add_extensions({}, extensions, log=lambda _: None):
+    if extension_curves := calibration.add_extensions({}, family.read_extensions(extensions), log=lambda _: None):
         fallbacks.append(("extension validation data", extension_curves))
-    if jtp3 or args.data:
+    if family.calibration == "embedded":
+        fallbacks.append(("the model's validation data", family.validation_curves(checkpoint, family.read_extensions(
+            extensions))))
+    if family.calibration == "csv" or args.data:
         if (default := read_data(args.data, optional=args.data is None)) is not None:
             fallbacks.append(("the default validation data" if args.data is None else f"'{args.data}'", default))
-    else:
-        log("Note: the DINOv3 tagger has no default validation data; tags absent from the dataset are omitted "
+    elif family.calibration == "none":
+        log(f"Note: the {family.title} has no default validation data; tags absent from the dataset are omitted "
             "(--data PATH fills them in).")
     curves, provenance = dataset.merge_curves(result.labels, data, positives, fallbacks, args.min_positives or 1)
     provenance.failed = result.failed
@@ -233,12 +223,22 @@ def check_dataset_flags(args: argparse.Namespace) -> None:
             raise ValueError(f"{', '.join(given)}: only meaningful with --from-dataset DIR")
 
 
-def selection_options(args: argparse.Namespace) -> dict:
-    """Filter flags as keyword arguments of `select_thresholds`; flags left unset use its defaults."""
-    options = {"min_score": args.min_score, "threshold_range": args.range,
-               "min_precision": args.min_precision, "min_recall": args.min_recall,
+def selection_options(args: argparse.Namespace, family: Family) -> tuple[str, dict]:
+    """(metric as written, keyword arguments of `select_thresholds`): flags left unset use the defaults, which
+    for a model with embedded counts are upstream's (f1.0@0.1, no recall floor)."""
+    from hydra.calibration.embedded import DEFAULT_METRIC as EMBEDDED_METRIC
+
+    embedded = family.calibration == "embedded" and not args.data
+    metric = args.metric or (EMBEDDED_METRIC if embedded else calibration.DEFAULT_METRIC)
+    name, floor = calibration.split_floor(metric)
+    min_precision = args.min_precision if args.min_precision is not None else floor
+    if embedded:
+        min_precision = 0.0 if min_precision is None else min_precision
+    options = {"min_score": args.min_score, "threshold_range": args.range, "min_precision": min_precision,
+               "min_recall": args.min_recall if args.min_recall is not None else 0.0 if embedded else None,
                "epsilon": args.epsilon, "exclude": args.exclude_tags}
-    return {k: v for k, v in options.items() if v is not None}
+    options["metric"] = name
+    return metric, {k: v for k, v in options.items() if v is not None}
 
 
 def plot_file(plot_dir: str, tag: str) -> str:
@@ -248,32 +248,34 @@ def plot_file(plot_dir: str, tag: str) -> str:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        calibration.get_metric(args.metric)  # a typo fails before reading 42 MB
+        calibration.get_metric(calibration.split_floor(args.metric or "cti")[0])  # a typo fails before any reading
         if args.range is not None and not args.range[0] <= args.range[1]:
             raise ValueError(f"-R/--range: MIN {args.range[0]} is greater than MAX {args.range[1]}")
         check_dataset_flags(args)
+        family, model_path = calibration_family(args)
         provenance = None
         if args.from_dataset is not None:
             curves, provenance = dataset_curves(args)
         else:
-            curves = load_curves(args)
+            curves = load_curves(args, family, model_path)
         unknown = [tag for tag in args.plot if tag not in curves]
         if unknown:
             raise ValueError(f"--plot: no validation data for {', '.join(map(repr, unknown))}")
         for tag in args.exclude_tags:
             if tag not in curves:
                 print(f"Note: excluded tag {tag!r} is not in the validation data.", file=sys.stderr)
-        choices = calibration.select_thresholds(curves, args.metric, **selection_options(args))
+        metric, options = selection_options(args, family)
+        choices = calibration.select_thresholds(curves, **options)
         if args.output == "-":
-            calibration.write_calibration(sys.stdout, choices, args.metric)
+            calibration.write_calibration(sys.stdout, choices, metric)
         else:
             with open(args.output, "w", newline="", encoding="utf-8") as f:
-                calibration.write_calibration(f, choices, args.metric)
+                calibration.write_calibration(f, choices, metric)
         if args.plot:
             os.makedirs(args.plot_dir, exist_ok=True)
         for tag in args.plot:
             path = plot_file(args.plot_dir, tag)
-            calibration.plot_curve(path, tag, curves[tag], args.metric, choices.get(tag))
+            calibration.plot_curve(path, tag, curves[tag], options["metric"], choices.get(tag))
             print(f"Saved plot '{path}'.", file=sys.stderr)
     except (ValueError, OSError, NotImplementedError, DownloadError) as e:
         print(f"calibrate.py: error: {e}", file=sys.stderr)

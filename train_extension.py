@@ -1,4 +1,4 @@
-"""Train a new JTP-3 tag (an extension) from example images, on a GPU or on the CPU.
+"""Train a new tag (an extension) for JTP-3 or Hydra 3.5 from example images, on a GPU or on the CPU.
 
 Put images with the tag in train/<tag>/positive and images without it in train/<tag>/negative, then:
 
@@ -6,8 +6,10 @@ Put images with the tag in train/<tag>/positive and images without it in train/<
     python train_extension.py my_tag_(custom)                     # until Ctrl-C (saves at the epoch's end)
     python train_extension.py -r 20260101-120000_e40.pt -e 80 my_tag_(custom)   # resume to epoch 80
     python train_extension.py --no-train -W 4 my_tag_(custom)     # only build the feature cache
+    python train_extension.py -M models/hydra-3.5.safetensors -e 60 my_tag_(custom)   # a Hydra 3.5 tag
 
 Then pick an epoch from the EPOCH lines and turn its checkpoint into an extension with build_extension.py.
+The model family is recognised from the model file; its own preprocessing feeds the feature cache.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import sys
 
 import torch
 
-from hydra.common import choose_dtype, default_device, log, positive_int
+from hydra.cli import natural, positive_int, resolve_model, worker_count
+from hydra.common import default_device, log
 from hydra.hub import DownloadError
 from hydra.models.checkpoint import CheckpointError
-from hydra.models.jtp3_net import load_jtp3
-from hydra.models.resources import DEFAULT_MODEL, resolve_model
+from hydra.models.family import Family
+from hydra.models.resources import DEFAULT_MODEL
+from hydra.tagger import Tagger
 from hydra.train import features
 from hydra.train import loop as training
 from hydra.train.optim import AdamWScheduleFree
@@ -33,13 +37,22 @@ HYPER = {"lr": 1e-4, "beta1": 0.9, "beta2": 0.999, "beta1_c": 200.0, "weight_dec
 SEED = 3407
 
 
+class _FamilyName(str):
+    """The `--cache-tag` default: equal to upstream's "jtp3", but told apart from a given value by identity,
+    so that each family's features get their own namespace (they differ for the same image)."""
+
+
+CACHE_TAG_DEFAULT = _FamilyName("jtp3")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="JTP-3 Hydra Extension Trainer", allow_abbrev=False)
+    p = argparse.ArgumentParser(description="Hydra Extension Trainer (JTP-3, Hydra 3.5)", allow_abbrev=False)
     p.add_argument("tag", metavar="TAG", help="The tag to train, e.g. my_tag_(custom). Its images are in "
                    "DIR/TAG/positive and DIR/TAG/negative (spaces, '/' and '.' in the folder name become '_').")
     g = p.add_argument_group("run")
     g.add_argument("-D", "--dir", metavar="PATH", default="train", help="Working directory. (Default: train)")
-    g.add_argument("-M", "--model", metavar="PATH", help=f"Path to model file. (Default: {DEFAULT_MODEL})")
+    g.add_argument("-M", "--model", metavar="PATH",
+                   help=f"Path to model file: JTP-3 or Hydra 3.5, recognised from the file. (Default: {DEFAULT_MODEL})")
     g.add_argument("-d", "--device", metavar="TORCH_DEVICE",
                    help="Torch device. (Default: cuda if available, else cpu; CPU training works)")
     g.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
@@ -53,13 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-b", "--batch", type=positive_int, default=16, help="Batch size. (Default: 16)")
     g.add_argument("-a", "--accumulate", type=positive_int, default=1,
                    help="Gradient accumulation steps. (Default: 1)")
-    g.add_argument("-e", "--max-epochs", type=_natural, default=0, help="Stop after this epoch. (0 = until Ctrl-C)")
-    g.add_argument("-c", "--checkpoint-interval", type=_natural, default=0,
+    g.add_argument("-e", "--max-epochs", type=natural, default=0, help="Stop after this epoch. (0 = until Ctrl-C)")
+    g.add_argument("-c", "--checkpoint-interval", type=natural, default=0,
                    help="Also save a checkpoint every N epochs. (0 = only at the end)")
-    g.add_argument("-v", "--validation-samples", type=_natural, default=20,
+    g.add_argument("-v", "--validation-samples", type=natural, default=20,
                    help="Positive and negative examples held out for validation, each. (Default: 20)")
     g.add_argument("-T", "--validation-thresholds", type=positive_int, default=99,
-                   help="Number of validation thresholds. (Default: 99)")
+                   help="Number of validation thresholds. (Default: 99; Hydra 3.5 needs its model's own count, 99)")
     g.add_argument("--force", action="store_true", help="Train even if the dataset looks too small or imbalanced.")
     g = p.add_argument_group("optimizer (only for a new run, not with --resume)")
     g.add_argument("--lr", type=float, help=f"Learning rate. (Default: {HYPER['lr']:g})")
@@ -72,19 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-B", "--cache-batch", type=positive_int, default=4, help="Batch size for caching. (Default: 4)")
     g.add_argument("-W", "--cache-workers", type=int, default=-1,
                    help="Image loading processes for caching. (Default: -1 = all cores; 0 = main process)")
-    g.add_argument("--cache-tag", metavar="ID", default="jtp3", help="Namespace of cache files. (Default: jtp3)")
+    g.add_argument("--cache-tag", metavar="ID", default=CACHE_TAG_DEFAULT,
+                   help="Namespace of cache files. (Default: the model family: jtp3 for JTP-3, hydra35 for Hydra 3.5)")
     g.add_argument("--rebuild-cache", action="store_true", help="Recompute every cache file.")
     g.add_argument("--no-train", action="store_true", help="Only build the feature cache.")
     g.add_argument("--no-shm", action="store_true", help="Disable shared memory in caching workers.")
     g.add_argument("--no-mtime", action="store_true",
                    help="A cache file is valid if it exists, even when older than its image.")
     return p
-
-
-def _natural(text: str) -> int:
-    if int(text) < 0:
-        raise argparse.ArgumentTypeError("must be 0 or more")
-    return int(text)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -107,7 +115,7 @@ def setup_device(name: str | None) -> torch.device:
 
 def make_optimizer(head, args, ckpt) -> AdamWScheduleFree:
     hp = {k: HYPER[k] if getattr(args, k, None) is None else getattr(args, k) for k in HYPER}
-    opt = AdamWScheduleFree(training.named_trainable(head), lr=hp["lr"], beta1=hp["beta1"], beta2=hp["beta2"],
+    opt = AdamWScheduleFree(head.named_trainable(), lr=hp["lr"], beta1=hp["beta1"], beta2=hp["beta2"],
                             c=hp["beta1_c"], weight_decay=hp["weight_decay"], warmup_steps=hp["warmup_steps"],
                             seed=args.seed)
     if ckpt is not None:
@@ -124,44 +132,75 @@ def find_checkpoint(ws: features.Workspace, name: str) -> str:
     raise FileNotFoundError(f"checkpoint '{name}' not found in '{ws.checkpoints}' (nor as a path)")
 
 
+def resume_checkpoint(args: argparse.Namespace, ws: features.Workspace, family: Family) -> dict:
+    """`-r`: the checkpoint, checked against the model family and -e; its seed becomes the run's."""
+    ckpt = training.load_checkpoint(find_checkpoint(ws, args.resume))
+    trained_for = training.checkpoint_family(ckpt)
+    if trained_for is not family:
+        raise ValueError(f"{args.resume} is a {trained_for.title} checkpoint, but the model is {family.title}")
+    if 0 < args.max_epochs <= ckpt["epoch"]:
+        raise ValueError(f"the checkpoint is at epoch {ckpt['epoch']}; -e {args.max_epochs} leaves nothing to train")
+    args.seed = ckpt["seed"]
+    return ckpt
+
+
+def load_model(args: argparse.Namespace, model_path: str) -> Tagger:
+    """The base model (no extensions), with its family's preprocessing at the default size."""
+    device = setup_device(args.device)
+    log(f"Loading '{model_path}' ...", end="")
+    tagger = Tagger(model_path, device=str(device), dtype=args.dtype)
+    log(f" {len(tagger.labels)} tags ({tagger.device}, {tagger.dtype_reason})")
+    return tagger
+
+
+def make_head(args: argparse.Namespace, tagger: Tagger, ckpt: dict | None) -> tuple[torch.nn.Module, dict]:
+    """The trainable head (fresh, from -i, or from -r) and what checkpoints record about the model."""
+    family, model = tagger.family, tagger.model
+    init = None
+    if args.init_from_tag is not None:
+        if args.init_from_tag not in model.labels:
+            raise ValueError(f"-i: tag {args.init_from_tag!r} is not in the model (use the exact e621 name)")
+        init = model.labels.index(args.init_from_tag)
+    args.validation_thresholds = family.validation_thresholds(model, args.validation_thresholds)
+    info = training.checkpoint_info(family, model)
+    if ckpt is not None:
+        training.check_resume(ckpt, info, args.resume)
+    head = family.train_head(model, init, torch.Generator().manual_seed(args.seed))
+    if ckpt is not None:
+        head.load_checkpoint_state(ckpt, args.resume)
+    return head, info
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         check_args(args)
         ws = features.Workspace.for_tag(args.dir, args.tag)
-        ckpt = None
-        if args.resume:
-            ckpt = training.load_checkpoint(find_checkpoint(ws, args.resume))
-            if 0 < args.max_epochs <= ckpt["epoch"]:
-                raise ValueError(f"the checkpoint is at epoch {ckpt['epoch']}; -e {args.max_epochs} leaves nothing "
-                                 "to train")
-            args.seed = ckpt["seed"]
+        model_path, family = resolve_model(args.model)
+        family.require_training()
+        ckpt = resume_checkpoint(args, ws, family) if args.resume else None
         args.seed = SEED if args.seed is None else args.seed
-        device = setup_device(args.device)
-        dtype, dtype_reason = choose_dtype(device, args.dtype)
-        model_path = resolve_model(args.model)
-        log(f"Loading '{model_path}' ...", end="")
-        model = load_jtp3(model_path, device, dtype)
-        log(f" {len(model.labels)} tags ({device}, {dtype_reason})")
-        cores = (os.process_cpu_count() if hasattr(os, "process_cpu_count") else os.cpu_count()) or 1
-        workers = cores if args.cache_workers < 0 else args.cache_workers
+        tagger = load_model(args, model_path)
+        cache_tag = family.name if args.cache_tag is CACHE_TAG_DEFAULT else args.cache_tag
+        workers = worker_count(args.cache_workers, 1 << 30)  # build_feature_cache caps it to the images to do
         cache = features.build_feature_cache(
-            model, ws.images(), args.cache_tag, batch_size=args.cache_batch, workers=workers,
-            share_memory=not args.no_shm, rebuild=args.rebuild_cache, check_mtime=not args.no_mtime)
+            tagger.model, ws.images(), cache_tag, preprocess=tagger.preprocess, batch_size=args.cache_batch,
+            workers=workers, share_memory=not args.no_shm, rebuild=args.rebuild_cache, check_mtime=not args.no_mtime)
         log(f"Feature cache: {len(cache.items)} images ready, {cache.computed} computed"
             + (f" ({cache.computed / cache.seconds:.2f} images/s)" if cache.computed else "")
             + f", failed={cache.failed}.")
         if args.no_train:
             return 1 if cache.failed else 0
-        base, labels = model.head, model.labels
-        del model  # frees the backbone; the head's shared weights stay alive through `base`
-        return train(args, ws, base, labels, cache.items, ckpt)
+        head, info = make_head(args, tagger, ckpt)
+        del tagger  # frees the backbone; the head keeps the shared pool weights alive
+        return train(args, ws, head, info, cache.items, ckpt)
     except (CheckpointError, DownloadError, OSError, ValueError) as e:
         log(f"error: {e}")
         return 2
 
 
-def train(args: argparse.Namespace, ws: features.Workspace, base, labels: list[str], items, ckpt) -> int:
-    """Split, check, build the head and optimizer (fresh, from -i, or from -r), and run the epoch loop."""
+def train(args: argparse.Namespace, ws: features.Workspace, head: torch.nn.Module, info: dict, items,
+          ckpt: dict | None) -> int:
+    """Split, check, build the optimizer (fresh or from -r), and run the epoch loop."""
     rng = random.Random(args.seed)
     train_set, val_set = training.split_dataset(items, args.validation_samples, rng)
     problems = training.sanity_problems(items, train_set, val_set, args.batch, args.accumulate)
@@ -169,14 +208,7 @@ def train(args: argparse.Namespace, ws: features.Workspace, base, labels: list[s
         raise ValueError(" ".join(problems) + " Use --force to train anyway.")
     for problem in problems:
         log(f"warning: {problem}")
-    init = None
-    if args.init_from_tag is not None:
-        if args.init_from_tag not in labels:
-            raise ValueError(f"-i: tag {args.init_from_tag!r} is not in the model (use the exact e621 name)")
-        init = labels.index(args.init_from_tag)
-    head = training.make_train_head(base, init, torch.Generator().manual_seed(args.seed))
     if ckpt is not None:
-        training.load_head_state(head, ckpt["attn_pool"], args.resume)
         state = ckpt["rng_state"]
         rng.setstate((state[0], tuple(state[1]), state[2]))
     opt = make_optimizer(head, args, ckpt)
@@ -186,7 +218,8 @@ def train(args: argparse.Namespace, ws: features.Workspace, base, labels: list[s
                                      args.validation_thresholds)
     with training.StopFlag() as stop:
         training.fit(head, opt, train_set, val_set, rng, seed=args.seed, settings=settings,
-                     checkpoint_dir=ws.checkpoints, start_epoch=0 if ckpt is None else ckpt["epoch"], stop=stop)
+                     checkpoint_dir=ws.checkpoints, start_epoch=0 if ckpt is None else ckpt["epoch"], stop=stop,
+                     info=info)
     return 0
 
 

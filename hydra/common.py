@@ -6,7 +6,6 @@ Everything a user reads while a run is going goes to stderr; stdout is kept for 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import stat
@@ -22,14 +21,6 @@ if TYPE_CHECKING:
 # torch is imported inside the functions that need it: calibrate.py and loader workers import this module
 # and should not pay seconds of start-up for a library they do not use.
 DTYPE_NAMES = ("bf16", "fp32", "fp16")
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return n
 
 
 def log(*parts: object, end: str = "\n") -> None:

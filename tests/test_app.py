@@ -1,4 +1,4 @@
-"""app.py, hydra/webservice.py and hydra/webui.py: the web UI's logic in-process, then the real server over HTTP.
+"""app.py and hydra/web/: the web UI's logic in-process, then the real server over HTTP.
 
 In-process (a `WebService` loaded by `app.make_web`, as `python app.py` does, with a JTP-3 model and two DINOv3
 taggers, one vocabulary with categories and one without): the UI and the CLI give the same tags for both
@@ -37,7 +37,8 @@ import app
 from hydra.tags.rules import TagSettings, format_caption, from_symmetric, load_calibration, load_metadata
 from hydra.testing.dinov3 import write_dinov3_checkpoint, write_vocab
 from hydra.testing.jtp3 import write_extension, write_model
-from hydra.web.service import NO_CAM, SOURCE_DEFAULT, SOURCE_TOPK, SOURCE_UPLOAD, Limits, UserError
+from hydra.web.model import SOURCE_DEFAULT, SOURCE_TOPK, SOURCE_UPLOAD, UserError
+from hydra.web.service import NO_CAM, Limits
 
 ROOT = Path(__file__).resolve().parent.parent
 TAGS_CSV = ROOT / "data" / "jtp-3-hydra-tags.csv"
@@ -219,13 +220,14 @@ def dino(web):
 def test_loads_every_model_like_the_cli(web, jtp, dino, fixture_files):
     assert list(web.models) == ["model.safetensors", "dino-plain.safetensors", DINO]
     plain = web.model("dino-plain.safetensors")
-    assert web.default is jtp and jtp.family == "jtp3" and dino.family == plain.family == "dinov3"
+    assert web.default is jtp and jtp.family.name == "jtp3" and dino.family.name == plain.family.name == "dinov3"
     assert jtp.labels == [*FIXTURE_TAGS, EXTENSION_TAG]
     assert jtp.default_calibration == load_calibration(fixture_files["calibration"])
     assert jtp.settings.mode == "inherit" and jtp.has_implications and jtp.default_source == SOURCE_DEFAULT
     assert [e.label for e in jtp.tagger.model.extensions] == [EXTENSION_TAG]
     # DINOv3: --vocab went to the first DINOv3 model, the second found its own; calibration.csv is JTP-3's only
-    assert plain.vocab_path == str(fixture_files["plain_vocab"]) and dino.vocab_path == str(fixture_files["dino_vocab"])
+    assert plain.tagger.model.vocab_path == str(fixture_files["plain_vocab"])
+    assert dino.tagger.model.vocab_path == str(fixture_files["dino_vocab"])
     assert dino.labels == plain.labels == DINO_TAGS
     assert dino.has_categories and not plain.has_categories and not dino.has_implications
     assert dino.default_calibration is None and dino.default_mode == "off"
@@ -235,7 +237,7 @@ def test_loads_every_model_like_the_cli(web, jtp, dino, fixture_files):
 
 def test_ui_tags_equal_cli_tags(web, jtp, fixture_files):
     data = fixture_files["image"].read_bytes()
-    key = web.add_image(data, "fox.png", jtp, 1024)
+    key = web.add_image(data, "fox.png")
     probs = web.probabilities(jtp, key, 1024)
     cli_probs = jtp.tagger.predict_samples([jtp.tagger.preprocess(str(fixture_files["image"]))])[0]
     np.testing.assert_array_equal(probs, cli_probs)
@@ -281,7 +283,7 @@ def test_dinov3_calibration_upload(web, dino, fixture_files, tmp_path):
     probs = web.probabilities(dino, web.add_image(fixture_files["image"].read_bytes(), "fox.png"), 1024)
     tags = dict(dino.classify(probs, dino.rules(source=SOURCE_UPLOAD, calibration=cal)))
     assert set(tags) == {t for t, thr in cal.items() if probs[dino.position[t]] >= thr} and "red fox" in tags
-    with pytest.raises(UserError, match="calibration.csv is for JTP-3 models"):
+    with pytest.raises(UserError, match="calibration.csv is not used for DINOv3 tagger models"):
         dino.rules(source=SOURCE_DEFAULT)
 
 
@@ -319,7 +321,7 @@ def test_topk_selection(web, jtp, fixture_files):
 
 
 def test_dinov3_categories_grouping_and_what_is_not_available(web, dino, fixture_files):
-    from hydra.web import page as webui
+    from hydra.web import handlers
 
     plain = web.model("dino-plain.safetensors")
     assert dino.category_name("red fox") == "species" and dino.category_name("fate (series)") == "copyright"
@@ -328,14 +330,14 @@ def test_dinov3_categories_grouping_and_what_is_not_available(web, dino, fixture
     key = web.add_image(fixture_files["image"].read_bytes(), "fox.png")
     every = dino.classify(web.probabilities(dino, key, 1024), dino.rules(-1.0))
     assert len(every) == len(DINO_TAGS)
-    groups = webui._groups_html(dino, every)
+    groups = handlers.groups_html(dino, every)
     assert "<h4>species (" in groups and "<h4>unassigned (" in groups and "<h4>copyright (1)" in groups
-    assert "Categories are unknown" in webui._groups_html(plain, every)
+    assert "Categories are unknown" in handlers.groups_html(plain, every)
     with pytest.raises(UserError, match="needs tag categories, which 'dino-plain.safetensors' does not have"):
         plain.rules(exclude=["meta"])
     with pytest.raises(UserError, match="implication data"):
         dino.rules(mode="inherit")
-    with pytest.raises(UserError, match=r"CAM is available for JTP-3 models; 'tagger_proto.safetensors' is a DINOv3"):
+    with pytest.raises(UserError, match=r"CAM is not available for 'tagger_proto.safetensors' \(DINOv3 tagger models have none\)"):
         web.cam(dino, key, 1024, "red fox", 1)
     assert web.cam(dino, key, 1024, NO_CAM, 1) is web.entry(key).display
     with pytest.raises(UserError, match=r"Unknown model 'nope'; choose from 'model.safetensors', 'dino-plain"):
@@ -443,8 +445,7 @@ def test_batch_limits(web, jtp, fixture_files, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["-M", "{model}", "-M", "{model}"], "given twice"),
     (["-M", "{model}", "--vocab", "{plain_vocab}"], "1 --vocab for 0 DINOv3 tagger checkpoint(s)"),
-    (["-M", "{dino}", "-e", "{extension}"], "-m and -e are for JTP-3 models"),
-    (["-M", "{dino}", "--max-size", "8"], "--max-size must be between 64 and 4096"),
+    (["-M", "{dino}", "-e", "{extension}"], "-e is for JTP-3 Hydra models, and none is configured"),
     (["-M", "{model}", "-M", "{dino_plain}"], "give its vocabulary with --vocab"),
 ])
 def test_startup_fails_in_one_line_before_serving(fixture_files, capsys, flags, message):
@@ -452,6 +453,12 @@ def test_startup_fails_in_one_line_before_serving(fixture_files, capsys, flags, 
     assert app.main(args) == 2  # nothing is served
     err = capsys.readouterr().err
     assert err.count("error: ") == 1 and message in err and "Traceback" not in err
+
+
+def test_sizes_out_of_range_are_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as e:
+        app.build_parser().parse_args(["--max-size", "8"])
+    assert e.value.code == 2 and "--max-size: must be between 64 and 4096" in capsys.readouterr().err
 
 
 def test_model_names_are_file_names_unless_they_repeat():
@@ -671,7 +678,7 @@ def test_gradio_client_model_switches(client, server):
     assert requests.get(url + "/api/health", timeout=10).json()["model_calls"] == calls
     five = client.predict(0.1, "Top k", "off", [], 1024, model=DINO, topk=5, api_name="/refilter")[0]
     assert five == api_tag(url, image, model=DINO, topk="5").json()["caption"] and len(five.split(", ")) == 5
-    with pytest.raises(AppError, match="CAM is available for JTP-3 models"):
+    with pytest.raises(AppError, match="CAM is not available for"):
         client.predict(1024, "red fox", 1, model=DINO, api_name="/cam")
     with pytest.raises(AppError, match="implication data"):
         client.predict(0.1, "Top k", "inherit", [], 1024, model=DINO, api_name="/refilter")

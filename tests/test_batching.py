@@ -11,7 +11,9 @@ import random
 import numpy as np
 import pytest
 
-from hydra.bulk.batching import group_by_length, padding, sample_length
+from hydra.bulk.batching import group_by_length, padding
+from hydra.images.dinov3 import DinoV3Preprocess
+from hydra.images.naflex import JTP3Preprocess
 
 
 def _ident(x: int) -> int:
@@ -96,5 +98,5 @@ def test_bad_batch_size():
 
 
 def test_sample_length_for_both_families():
-    assert sample_length({"patches": np.zeros((37, 768), np.uint8)}) == 37
-    assert sample_length({"pixels": np.zeros((3, 480, 640), np.float32)}) == 30 * 40
+    assert JTP3Preprocess.tokens({"patches": np.zeros((37, 768), np.uint8)}) == 37
+    assert DinoV3Preprocess.tokens({"pixels": np.zeros((3, 480, 640), np.float32)}) == 30 * 40

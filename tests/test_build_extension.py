@@ -1,4 +1,4 @@
-"""Tests for build_extension.py and `hydra.train.loop.extension_tensors`.
+"""Tests for build_extension.py and `hydra.train.heads.extension_tensors`.
 
 Covers: flags and defaults; what is written (only q, out_proj.weight and validation; q RMS-normalised;
 bf16 / int32) and the metadata keys; the schedule-free averaged weights rebuilt from the optimizer's z;
@@ -24,7 +24,7 @@ from hydra.models.checkpoint import load_tensors, save_safetensors
 from hydra.models.extensions import FROZEN_COPIES, read_extension
 from hydra.models.jtp3_net import load_jtp3
 from hydra.testing.jtp3 import write_model
-from hydra.train import features
+from hydra.train import features, heads
 from hydra.train import loop as training
 from hydra.train.features import Item
 from hydra.train.optim import AdamWScheduleFree, schedule_free_eval_point
@@ -53,8 +53,8 @@ def trained(tmp_path_factory, model_path):
     rng = random.Random(3407)
     train, val = training.split_dataset(items, 4, rng)
     model = load_jtp3(model_path)
-    head = training.make_train_head(model.head, generator=torch.Generator().manual_seed(0))
-    opt = AdamWScheduleFree(training.named_trainable(head), lr=1e-2, warmup_steps=2, seed=0)
+    head = heads.make_train_head(model.head, generator=torch.Generator().manual_seed(0))
+    opt = AdamWScheduleFree(heads.named_trainable(head), lr=1e-2, warmup_steps=2, seed=0)
     settings = training.LoopSettings(batch=4, max_epochs=2, progress=False)
     saved = training.fit(head, opt, train, val, rng, seed=3407, settings=settings,
                          checkpoint_dir=str(folder / "checkpoints"))
@@ -119,7 +119,7 @@ def test_weights_are_the_schedule_free_average(trained):
     state = ckpt["optimizer"]["state"]
     y_q, y_out = ckpt["attn_pool"]["q"], ckpt["attn_pool"]["out_proj.weight"]
     state[0]["z"] = y_q.float() + 0.9  # far enough from y that x = y + (1 - 1/beta1)(z - y) = y - 0.1 shows
-    q, out, validation = training.extension_tensors(ckpt, lambda _: None)
+    q, out, validation = heads.extension_tensors(ckpt, lambda _: None)
     torch.testing.assert_close(q.float(), y_q.float() - 0.1, atol=0.01, rtol=0)
     torch.testing.assert_close(q, schedule_free_eval_point(y_q, state[0]["z"], 0.9))
     torch.testing.assert_close(out, schedule_free_eval_point(y_out, state[1]["z"], 0.9))
@@ -127,12 +127,12 @@ def test_weights_are_the_schedule_free_average(trained):
     # a group already in eval mode holds x: nothing to apply
     ckpt["optimizer"]["param_groups"][0]["train_mode"] = False
     said = []
-    q2, _, _ = training.extension_tensors(ckpt, said.append)
+    q2, _, _ = heads.extension_tensors(ckpt, said.append)
     assert said == [] and torch.equal(q2, y_q)
     del ckpt["optimizer"]["param_groups"][0]["param_names"]
     ckpt["optimizer"]["param_groups"][0]["train_mode"] = True
     with pytest.raises(training.CheckpointError, match="param_names"):
-        training.extension_tensors(ckpt)
+        heads.extension_tensors(ckpt)
 
 
 def test_extension_reproduces_its_validation_at_inference(tmp_path, trained, model_path, capsys):
@@ -154,7 +154,7 @@ def test_upstream_style_file_with_unit_q_and_frozen_copies_behaves_the_same(tmp_
     assert run(capsys, "-o", tmp_path, ckpt_path, "new_tag", "general", "ours")[0] == 0
     ours = read_extension(tmp_path / "ours.safetensors")
     # what upstream's builder writes: the whole attn_pool with q unit-L2-normalised (F.normalize, eps 1e-5)
-    q, out, validation = training.extension_tensors(training.load_checkpoint(ckpt_path), lambda _: None)
+    q, out, validation = heads.extension_tensors(training.load_checkpoint(ckpt_path), lambda _: None)
     base, _ = load_tensors(model_path)
     tensors = {"q": F.normalize(q.float(), dim=-1, eps=1e-5).to(torch.bfloat16), "out_proj.weight": out,
                "validation": validation, **{k: base["attn_pool." + k] for k in FROZEN_COPIES}}

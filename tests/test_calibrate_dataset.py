@@ -178,14 +178,14 @@ def test_json_sidecar_shapes():
 
 def test_caption_splitting_and_tag_matching():
     assert split_caption(" red fox,3d \\(artwork\\) ,\n\nsafe, ") == ["red fox", "3d \\(artwork\\)", "safe"]
-    m = TagMatcher(["3d_(artwork)", "red_fox", "spread_vulva", "\\m/", "Case_Tag", "case_tag"], pussy_alias=True)
+    m = TagMatcher(["3d_(artwork)", "red_fox", "spread_vulva", "\\m/", "Case_Tag", "case_tag"], renames=(("vulva", "pussy"),))
     for tag, label in [("3d \\(artwork\\)", "3d_(artwork)"), ("3d_(artwork)", "3d_(artwork)"), ("Red Fox", "red_fox"),
                        ("red_fox", "red_fox"), ("spread pussy", "spread_vulva"), ("spread_vulva", "spread_vulva"),
                        ("\\m/", "\\m/"), ("Case_Tag", "Case_Tag"), ("CASE TAG", "case_tag")]:
         assert m.name(tag) == label, tag
     assert m.index("blue sky") is None and m.name("blue sky") == "blue sky"
     assert TagMatcher(["spread_vulva"]).index("spread pussy") is None  # the alias is JTP-3's only
-    assert TagMatcher(["pussy", "vulva"], pussy_alias=True).name("pussy") == "pussy"  # an exact label wins
+    assert TagMatcher(["pussy", "vulva"], renames=(("vulva", "pussy"),)).name("pussy") == "pussy"  # an exact label wins
 
 
 def test_merge_prefers_the_dataset_then_fallbacks_in_order():

@@ -246,7 +246,7 @@ def test_two_extensions_with_one_label_are_an_error(val, capsys, tmp_path):
     write_extension(tmp_path / "one.safetensors", "dup", EXT_COUNTS)
     write_extension(tmp_path / "two.safetensors", "dup", EXT_COUNTS)
     code, out, err = run(capsys, "--data", val, "-o", "-", "-e", "one.safetensors", "-e", "two.safetensors")
-    assert code == 2 and out == "" and "both define the tag 'dup'" in err
+    assert code == 2 and out == "" and "both define tag 'dup'" in err
 
 
 def test_bad_extension_file_is_one_line(val, capsys, tmp_path):

@@ -20,15 +20,8 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from hydra.models.dinov3_net import (
-    DinoV3Preprocess,
-    backbone_kwargs,
-    backbone_to_timm,
-    build_head,
-    load_dinov3,
-    snap_size,
-    split_checkpoint,
-)
+from hydra.images.dinov3 import DinoV3Preprocess, snap_size
+from hydra.models.dinov3_net import backbone_kwargs, backbone_to_timm, build_head, load_dinov3, split_checkpoint
 from hydra.testing.dinov3 import write_dinov3_checkpoint, write_vocab
 
 TAGS = ["solo", "breasts", "anthro", "1girl", "hi res"]

@@ -21,7 +21,9 @@ import pytest
 from conftest import ROOT, noise_image
 
 from hydra import Tagger
-from hydra.tagger import DINOV3, JTP3, detect_family
+from hydra.models import detect
+from hydra.models.dinov3 import DINOV3
+from hydra.models.jtp3 import JTP3
 from hydra.testing.dinov3 import write_dinov3_checkpoint, write_vocab
 
 TAGS = [f"tag {i}" for i in range(40)] + ["fate (series)", "\\m/", "hi res"]
@@ -51,7 +53,7 @@ def cli(*args, check_rc=None, cwd=None):
 def test_card_api_topk_and_threshold(dino, tmp_path):
     tagger = Tagger(checkpoint_path=dino / "tagger_proto.safetensors",
                     vocab_path=dino / "tagger_vocab_with_categories.json", device="cpu", max_size=1024)
-    assert tagger.family == DINOV3 and tagger.labels == TAGS and tagger.categories == CATS
+    assert tagger.family is DINOV3 and tagger.labels == TAGS and tagger.model.tag_metadata.category == CATS
     img = noise_image(300, 200)
     top = tagger.predict(img, topk=5)
     assert len(top) == 5 and [s for _, s in top] == sorted((s for _, s in top), reverse=True)
@@ -80,8 +82,8 @@ def test_batches_mix_sizes_and_subsets_agree(dino):
 
 
 def test_family_detection_and_vocab_errors(dino, tmp_path, tiny_model):
-    assert detect_family(dino / "tagger_proto.safetensors") == DINOV3
-    assert detect_family(tiny_model) == JTP3
+    assert detect(dino / "tagger_proto.safetensors") is DINOV3
+    assert detect(tiny_model) is JTP3
     lone = tmp_path / "lone.safetensors"
     lone.write_bytes((dino / "tagger_proto.safetensors").read_bytes())
     with pytest.raises(FileNotFoundError, match="give its vocabulary with --vocab"):

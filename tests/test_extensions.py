@@ -34,7 +34,7 @@ def test_append_new_tags_in_order(small_model, tmp_path, sample):
     write_extension(ext_dir / "a.safetensors", "new_a", seed=1)
     (ext_dir / ".hidden.safetensors").write_bytes(b"")
     (ext_dir / "readme.txt").write_text("x")
-    exts = load_extensions([ext_dir], use_default=False)
+    exts = load_extensions([ext_dir])
     assert [e.label for e in exts] == ["new_a", "new_b"]  # sorted file order
     base = load_jtp3(path, dtype=torch.float32)
     model = load_jtp3(path, dtype=torch.float32, extensions=exts)
@@ -52,7 +52,7 @@ def test_replace_existing_tag_uses_both_tensors(small_model, tmp_path, sample):
     q = base.head.q[:, 3:4].clone()
     out = base.head.out_proj.weight[3:4].clone()
     write_extension(tmp_path / "r.safetensors", "tag_05", q=q, out_proj=out)
-    model = load_jtp3(path, dtype=torch.float32, extensions=load_extensions([tmp_path / "r.safetensors"], False))
+    model = load_jtp3(path, dtype=torch.float32, extensions=load_extensions([tmp_path / "r.safetensors"]))
     assert model.labels == names
     p_base, p = _probs(base, sample), _probs(model, sample)
     assert p[5] == pytest.approx(p_base[3].item(), abs=1e-3)
@@ -85,7 +85,7 @@ def test_errors(small_model, tmp_path):
     e1 = write_extension(tmp_path / "x1.safetensors", "dup")
     e2 = write_extension(tmp_path / "x2.safetensors", "dup", seed=3)
     with pytest.raises(ExtensionError, match="both define tag 'dup'"):
-        load_extensions([e1, e2], use_default=False)
+        load_extensions([e1, e2])
     wrong = write_extension(tmp_path / "w.safetensors", "w", head={"n_heads": 4})
     with pytest.raises(ExtensionError, match="do not fit this model"):
         load_jtp3(path, extensions=[read_extension(wrong)])

@@ -14,10 +14,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
+from hydra.images.decode import open_image
 from hydra.images.naflex import (
     JTP3Preprocess,
     collate,
-    open_image,
     patchify,
     prepare_image,
     size_for_seqlen,

@@ -118,7 +118,7 @@ def cluster():
     ray = need_ray()
     from ray.job_config import JobConfig
 
-    # in-process runs pickle `inference.load` by reference: the workers must find the project
+    # in-process runs pickle the project's classes by reference: the workers must find the project
     ray.init(num_cpus=2, object_store_memory=300 << 20, include_dashboard=False, logging_level="ERROR",
              job_config=JobConfig(code_search_path=[str(ROOT)]))
     try:
@@ -143,10 +143,11 @@ def caption_bounds(model, threshold, header, rows, tol=2e-4):
     import dataclasses
 
     import inference
+    from hydra import cli
     from hydra.bulk.run import caption_path
     from hydra.tags.rules import caption_tag
 
-    _, settings = inference.load(inference.build_parser().parse_args(["-M", model, "-t", threshold]))
+    _, settings = cli.load_run(inference.build_parser().parse_args(["-M", model, "-t", threshold]))
     rules = settings.rules()
     assert rules.labels == header[1:]
     strict = dataclasses.replace(rules, thresholds=rules.thresholds + tol)

@@ -25,7 +25,7 @@ import train_extension
 from hydra.images.naflex import JTP3Preprocess, collate
 from hydra.models.jtp3_net import load_jtp3
 from hydra.testing.jtp3 import write_model
-from hydra.train import features
+from hydra.train import features, heads
 from hydra.train import loop as training
 from hydra.train.features import Item
 from hydra.train.optim import AdamWScheduleFree
@@ -209,7 +209,7 @@ def test_collate_features_pads_with_zeros_and_marks_valid_tokens():
 
 
 def test_train_head_shares_frozen_weights_and_trains_only_its_own(model):
-    head = training.make_train_head(model.head, generator=torch.Generator().manual_seed(0))
+    head = heads.make_train_head(model.head, generator=torch.Generator().manual_seed(0))
     base = model.head
     assert head.kv.weight is base.kv.weight and head.ff_in.weight is base.ff_in.weight
     assert head.ff_out.weight is base.ff_out.weight and head.ff_norm.weight is base.ff_norm.weight
@@ -218,11 +218,11 @@ def test_train_head_shares_frozen_weights_and_trains_only_its_own(model):
     h, e, a = base.cfg.n_heads, base.cfg.head_dim, base.cfg.attn_dim
     assert head.q.shape == (h, 1, e) and head.out_proj.weight.shape == (1, a, 2)
     assert head.out_proj.weight.abs().max() <= 1 / math.sqrt(a) and not head.q_normed
-    assert [n for n, _ in training.named_trainable(head)] == ["attn_pool.q", "attn_pool.out_proj.weight"]
+    assert [n for n, _ in heads.named_trainable(head)] == ["attn_pool.q", "attn_pool.out_proj.weight"]
 
 
 def test_init_from_tag_reproduces_that_tag(model):
-    head = training.make_train_head(model.head, init_index=1)
+    head = heads.make_train_head(model.head, init_index=1)
     x = torch.randn(2, 7, D).to(torch.bfloat16)
     with torch.no_grad():  # the stored q is RMS-normalised, so normalising again changes ~nothing
         torch.testing.assert_close(head(x).float(), model.head(x)[:, 1:2].float(), atol=0.05, rtol=0.02)
@@ -230,7 +230,7 @@ def test_init_from_tag_reproduces_that_tag(model):
 
 def test_padding_is_masked_in_training_as_at_inference(model):
     """Deliberate fix: upstream's training mask was all True, so zero padding joined the softmax."""
-    head = training.make_train_head(model.head, generator=torch.Generator().manual_seed(0))
+    head = heads.make_train_head(model.head, generator=torch.Generator().manual_seed(0))
     feats = [torch.randn(3, D), torch.randn(9, D)]
     x, valid = training.collate_features(feats, "cpu", torch.bfloat16)
     with torch.no_grad():
@@ -267,8 +267,8 @@ def test_counts_and_best_cti_by_hand():
 def run_fit(tmp_path, model, items, *, epochs, interval=0, stop=None, start_epoch=0, head=None, opt=None,
             rng=None, on_epoch=None):
     train, val = training.split_dataset(items, 4, random.Random(3407))
-    head = head or training.make_train_head(model.head, generator=torch.Generator().manual_seed(0))
-    opt = opt or AdamWScheduleFree(training.named_trainable(head), lr=1e-2, warmup_steps=2, seed=0)
+    head = head or heads.make_train_head(model.head, generator=torch.Generator().manual_seed(0))
+    opt = opt or AdamWScheduleFree(heads.named_trainable(head), lr=1e-2, warmup_steps=2, seed=0)
     settings = training.LoopSettings(batch=4, accumulate=2, max_epochs=epochs, checkpoint_interval=interval,
                                      progress=False)
     saved = training.fit(head, opt, train, val, rng or random.Random(5), seed=3407, settings=settings,
@@ -306,9 +306,9 @@ def test_checkpoint_loads_weights_only_and_resumes(tmp_path, model, capsys):
     assert restored.random() == rng.random()
 
     # resume: fresh head and optimizer, then the checkpoint's state; numbering continues
-    head2 = training.make_train_head(model.head, generator=torch.Generator().manual_seed(1))
-    training.load_head_state(head2, ckpt["attn_pool"])
-    opt2 = AdamWScheduleFree(training.named_trainable(head2), lr=0.5, seed=0)
+    head2 = heads.make_train_head(model.head, generator=torch.Generator().manual_seed(1))
+    heads.load_head_state(head2, ckpt["attn_pool"])
+    opt2 = AdamWScheduleFree(heads.named_trainable(head2), lr=0.5, seed=0)
     opt2.load_state_dict(ckpt["optimizer"])
     assert opt2.param_groups[0]["lr"] == 1e-2 and opt2.param_groups[0]["step"] == opt.param_groups[0]["step"]
     torch.testing.assert_close(opt2.state[head2.q]["z"], opt.state[head.q]["z"])
@@ -319,9 +319,9 @@ def test_checkpoint_loads_weights_only_and_resumes(tmp_path, model, capsys):
 
 
 def test_load_head_state_checks_shapes(model):
-    head = training.make_train_head(model.head)
+    head = heads.make_train_head(model.head)
     with pytest.raises(training.CheckpointError, match="shape"):
-        training.load_head_state(head, {"q": torch.zeros(1, 1, 1), "out_proj.weight": head.out_proj.weight})
+        heads.load_head_state(head, {"q": torch.zeros(1, 1, 1), "out_proj.weight": head.out_proj.weight})
 
 
 def test_first_ctrl_c_stops_at_the_end_of_the_epoch_and_saves(tmp_path, model, capsys):

@@ -20,24 +20,13 @@ Rules (`group_by_length`):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
-
-from hydra.images.naflex import PATCH_SIZE
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 WINDOW_BATCHES = 4   # default look-ahead: this many batches' worth of samples
 MAX_WINDOW = 256     # cap for large batch sizes (memory: a 1024-token JTP-3 sample is 0.8 MB)
-
-
-def sample_length(sample: Mapping[str, Any]) -> int:
-    """Tokens the model runs for one preprocessed sample: JTP-3 `patches` rows, or the 16 px patches of
-    a DINOv3 `pixels` array (3, H, W)."""
-    if "patches" in sample:
-        return len(sample["patches"])
-    h, w = sample["pixels"].shape[-2:]
-    return (h // PATCH_SIZE) * (w // PATCH_SIZE)
 
 
 def padding(lengths: Iterable[int]) -> int:
@@ -61,7 +50,7 @@ def group_by_length(items: Iterable[T], batch_size: int, length: Callable[[T], i
     Args:
         items: the loaded items, in arrival order (e.g. (path, sample) pairs).
         batch_size: items per batch (the last batches may be smaller).
-        length: item -> tokens (e.g. `lambda item: sample_length(item[1])`).
+        length: item -> tokens (e.g. `lambda item: tagger.sample_tokens(item[1])`).
         window: items held back for choosing (default `WINDOW_BATCHES * batch_size`, at most `MAX_WINDOW`,
             at least `batch_size`).
         patience: batches an item may be passed over before it is sent regardless (default: window //

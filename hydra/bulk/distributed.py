@@ -10,8 +10,8 @@ number of images):
       -> driver:  progress bar, one stderr line per failed file, the summary line of a single-process run
 
 Everything that decides an output is the engine's own code, so outputs equal a single-process run's: captions
-are written by `CaptionSink`, CSV shards are `CsvSink` files (same header, `%.4f`), the actors are built by
-`inference.load` from the same parsed command line. What differs is which images share a batch (padding):
+are written by `CaptionSink`, CSV shards are `CsvSink` files (same header, `%.4f`), the actors load the driver's tagger
+from its picklable spec (`Tagger.spec`). What differs is which images share a batch (padding):
 float rounding, as between two single-process runs with different batch sizes.
 
 Shards (`-o DIR`): `DIR/part-<id>.<csv|jsonl|parquet>`, each written atomically (a hidden temporary, then a
@@ -26,8 +26,7 @@ filesystem) and have the project's requirements installed. Ray is imported only 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
+import dataclasses
 import json
 import math
 import os
@@ -38,15 +37,20 @@ import sys
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
 
 from hydra.bulk.loader import ImageLoader
 from hydra.bulk.run import CaptionSink, CsvSink, PrintSink, Summary
-from hydra.common import AtomicFile, atomic_write, log, positive_int
-from hydra.images.naflex import is_url
+from hydra.cli import positive_int
+from hydra.common import AtomicFile, atomic_write, log
+from hydra.images.decode import is_url
+
+if TYPE_CHECKING:
+    from hydra.tagger import Tagger, TaggerSpec
+    from hydra.tags.rules import TagSettings
 
 RAY_MISSING = "Ray is not installed: pip install -r requirements-ray.txt"
 SHARD_FORMATS = ("csv", "jsonl", "parquet")
@@ -221,22 +225,20 @@ def decode(batch: dict[str, np.ndarray], preprocess: Callable) -> dict[str, np.n
 
 
 class TagActor:
-    """The model stage: loads the tagger once, with `inference.load` and the run's own options.
+    """The model stage: loads the tagger once from the driver's picklable spec.
 
     Args:
-        args: the command line as the actors see it (`_actor_args`).
-        load: `inference.load`.
+        spec: `Tagger.spec` of the driver's tagger, with absolute paths and the actor's device (`_actor_spec`).
         needed: (T,) bool mask of the tags worth computing, or None for all.
         threads: torch threads (CPU actors), or None to keep torch's choice.
     """
 
-    def __init__(self, args: argparse.Namespace, load: Callable, needed: np.ndarray | None, threads: int | None):
+    def __init__(self, spec: TaggerSpec, needed: np.ndarray | None, threads: int | None):
         if threads:
             import torch
 
             torch.set_num_threads(threads)
-        with contextlib.redirect_stderr(io.StringIO()):  # the driver already logged what gets loaded
-            self.tagger, _ = load(args)
+        self.tagger = spec.load()
         self.needed = needed
         log(f"Model actor ready: {self.tagger.describe()}")
 
@@ -283,13 +285,13 @@ def _objects(values: list) -> np.ndarray:
 # The run
 
 
-def run(args: argparse.Namespace, paths: Sequence[str], tagger: Any, settings: Any, load: Callable, *,
+def run(args: argparse.Namespace, paths: Sequence[str], tagger: Tagger, settings: TagSettings, *,
         skipped: int = 0, failed: int = 0) -> int:
     """Tag `paths` on Ray Data with the options of `args`; the exit code of inference.py.
 
     Args:
-        tagger, settings: what the driver's `load(args)` returned (the driver uses only the picklable
-            `tagger.preprocess` and the tag settings; every actor loads its own model with `load`).
+        tagger, settings: what the driver's `hydra.cli.load_run(args)` returned (the driver uses only the
+            picklable `tagger.preprocess`, `tagger.spec` and the tag settings; every actor loads its own model).
         skipped, failed: inputs the caller already skipped (`--existing skip`) or failed to list.
     """
     try:
@@ -299,7 +301,7 @@ def run(args: argparse.Namespace, paths: Sequence[str], tagger: Any, settings: A
         return 2
     summary = Summary(failed=failed, skipped=skipped)
     try:
-        plan = _Plan(args, paths, settings)
+        plan = _Plan(args, paths, settings, tagger.family.csv_header_on_stdout)
     except (OSError, ValueError) as e:
         log(f"error: {e}")
         return 2
@@ -314,7 +316,7 @@ def run(args: argparse.Namespace, paths: Sequence[str], tagger: Any, settings: A
                 return 2
         try:
             pool = _actor_options(args, ray.cluster_resources())
-            ok = _execute(plan, args, pool, tagger.preprocess, load, summary)
+            ok = _execute(plan, args, pool, tagger, summary)
         except ValueError as e:
             log(f"error: {e}")
             return 2
@@ -329,15 +331,15 @@ def run(args: argparse.Namespace, paths: Sequence[str], tagger: Any, settings: A
 class _Plan:
     """What to run: the inputs still to do, the output stage, and the driver-side sink (stdout modes)."""
 
-    def __init__(self, args: argparse.Namespace, paths: Sequence[str], settings: Any):
+    def __init__(self, args: argparse.Namespace, paths: Sequence[str], settings: Any, header_on_stdout: bool):
         if args.device not in (None, "cpu", "cuda"):
             raise ValueError(f"with --ray, -d is 'cpu' or 'cuda' (Ray gives each actor its GPU), not {args.device!r}")
-        self.labels, self.rules = settings.labels, settings.rules()
+        self.labels, self.rules, self.captions = settings.labels, settings.rules(), settings.captions
         self.stdout_sink: CsvSink | PrintSink | None = None
         self.folder: str | None = None
         done: set[str] = set()
         if args.output == "-":
-            self.stdout_sink, self.needed = CsvSink("-", self.labels), None
+            self.stdout_sink, self.needed = CsvSink("-", self.labels, header_on_stdout), None
         elif args.format:
             self.stdout_sink, self.needed = PrintSink(args.format, self.rules), self.rules.active()
         elif args.output:
@@ -389,25 +391,17 @@ def _actor_options(args: argparse.Namespace, resources: dict[str, float]) -> tup
     return actors, {"num_cpus": share}, 1
 
 
-def _actor_args(args: argparse.Namespace, gpu: bool) -> argparse.Namespace:
-    """The command line as the actors see it: file options made absolute (a worker's current directory
-    is not the driver's), the device fixed to the actor's kind."""
-    out = argparse.Namespace(**vars(args))
-    for name in ("model", "metadata", "vocab"):
-        value = getattr(out, name, None)
-        if value:
-            setattr(out, name, os.path.abspath(value))
-    out.extension = [os.path.abspath(e) for e in args.extension]
-    if args.threshold and os.path.exists(args.threshold):
-        out.threshold = os.path.abspath(args.threshold)
-    elif args.threshold is None:
-        out.threshold = "0.5"  # the actor's tag settings are unused; do not look for calibration.csv there
-    out.device = "cuda" if gpu else "cpu"
-    return out
+def _actor_spec(spec: TaggerSpec, gpu: bool) -> TaggerSpec:
+    """The driver's tagger as the actors load it: files absolute (a worker's current directory is not the
+    driver's), the device fixed to the actor's kind."""
+    options = dataclasses.replace(spec.options, extensions=tuple(map(os.path.abspath, spec.options.extensions)),
+                                  vocab=spec.options.vocab and os.path.abspath(spec.options.vocab))
+    return dataclasses.replace(spec, path=os.path.abspath(spec.path), options=options,
+                               device="cuda" if gpu else "cpu")
 
 
 def _execute(plan: _Plan, args: argparse.Namespace, pool: tuple[int, dict[str, float], int | None],
-             preprocess: Callable, load: Callable, summary: Summary) -> bool:
+             tagger: Tagger, summary: Summary) -> bool:
     """Build and stream the pipeline; False if Ray failed (the reason is logged)."""
     import logging
 
@@ -429,17 +423,18 @@ def _execute(plan: _Plan, args: argparse.Namespace, pool: tuple[int, dict[str, f
     ds = rd.from_items(items, override_num_blocks=math.ceil(len(items) / rows))
     # The memory reservation also keeps Ray Data from fusing decode into the model actors (it fuses only
     # stages with equal resources): decoding must run in tasks on other CPUs, overlapping the model.
-    ds = ds.map_batches(decode, fn_kwargs={"preprocess": preprocess}, batch_size=None, batch_format="numpy",
+    ds = ds.map_batches(decode, fn_kwargs={"preprocess": tagger.preprocess}, batch_size=None, batch_format="numpy",
                         memory=DECODE_MEMORY)
-    actor_args = _actor_args(args, "num_gpus" in resources)
-    ds = ds.map_batches(TagActor, fn_constructor_args=(actor_args, load, plan.needed, threads), batch_size=batch,
+    spec = _actor_spec(tagger.spec, "num_gpus" in resources)
+    ds = ds.map_batches(TagActor, fn_constructor_args=(spec, plan.needed, threads), batch_size=batch,
                         batch_format="numpy", compute=rd.ActorPoolStrategy(size=actors), **resources)
     if plan.folder is not None:
         ds = ds.map_batches(write_shards, fn_kwargs={"folder": plan.folder, "fmt": args.shard_format,
                                                      "labels": plan.labels},
                             batch_size=args.shard_rows, batch_format="numpy")
     elif plan.stdout_sink is None:
-        sink = CaptionSink(plan.rules, args.prefix, args.shuffle, append=getattr(args, "existing", "") == "append")
+        sink = CaptionSink(plan.rules, plan.captions, args.prefix, args.shuffle,
+                           append=getattr(args, "existing", "") == "append")
         # batch_size=None: each model batch is written as it comes (no waiting for more rows)
         ds = ds.map_batches(write_captions, fn_kwargs={"sink": sink}, batch_size=None, batch_format="numpy")
 

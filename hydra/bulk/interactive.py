@@ -1,27 +1,37 @@
 """The interactive classifier of `inference.py` (run without paths): one image at a time, settings by command.
 
-Commands and output lines follow the original (spec §10.3). Scores are printed on the symmetric scale as
+Commands and output lines follow the original's; the size command is the model family's size control
+(`seqlen` for JTP-3, `max_size` for the DINOv3 tagger). Scores are printed on the symmetric scale as
 percentages, most likely first.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from typing import TextIO
 
 from hydra.bulk.loader import describe_error
-from hydra.images.naflex import MAX_SEQLEN, MIN_SEQLEN
-from hydra.tags.implications import MODES
-from hydra.tags.rules import CATEGORIES, TagRules, TagSettings, load_calibration, parse_threshold, to_symmetric
+from hydra.models.family import SizeControl
+from hydra.tags.rules import (
+    CATEGORIES,
+    SUBCATEGORIES,
+    TagRules,
+    TagSettings,
+    load_calibration,
+    parse_threshold,
+    ranked,
+    to_symmetric,
+)
 
-BANNER = """JTP-3 Hydra Interactive Classifier
+BANNER = """{title} Interactive Classifier
 Type 'q' to quit, or 'h' for help.
 For bulk operations, quit and run again with a path, or '-h' for help."""
 
 REPL_CATEGORIES = "general copyright character species meta lore"
 
 
-def help_text(has_metadata: bool) -> str:
+def help_text(has_metadata: bool, size: SizeControl, modes: Sequence[str]) -> str:
     lines = [
         "Provide a file path to classify, or one of the following commands:",
         "  threshold NUM (-1.0 to 1.0, 0.2 to 0.8 recommended)",
@@ -31,10 +41,11 @@ def help_text(has_metadata: bool) -> str:
         lines += [
             f"  exclude CATEGORY ({REPL_CATEGORIES})",
             f"  include CATEGORY ({REPL_CATEGORIES})",
-            f"  implications MODE ({' '.join(MODES)})",
+            f"  implications MODE ({' '.join(modes)})",
         ]
     lines += [
-        f"  seqlen LEN ({MIN_SEQLEN} to {MAX_SEQLEN}, 1024 recommended)",
+        f"  {size.name} {'LEN' if size.name == 'seqlen' else 'PX'} ({size.minimum} to {size.maximum}, "
+        f"{size.default} recommended)",
         "  quit (or 'q', 'exit')",
     ]
     return "\n".join(lines)
@@ -42,7 +53,8 @@ def help_text(has_metadata: bool) -> str:
 
 def run(tagger, session: TagSettings, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
     """Read commands and image paths until `q` or end of input."""
-    print(BANNER, file=stdout)
+    size = tagger.family.size
+    print(BANNER.format(title=tagger.family.title), file=stdout)
     rules = session.rules()
     while True:
         print("> ", end="", file=stdout, flush=True)
@@ -57,7 +69,7 @@ def run(tagger, session: TagSettings, stdin: TextIO = sys.stdin, stdout: TextIO 
             if line in ("q", "quit", "exit"):
                 return
             if line in ("", "h", "help", "?"):
-                print(help_text(session.metadata is not None), file=stdout)
+                print(help_text(session.metadata is not None, size, tagger.family.implication_modes), file=stdout)
                 continue
             if cmd == "threshold" and arg:
                 t = float(arg) if _is_number(arg) else None
@@ -70,30 +82,28 @@ def run(tagger, session: TagSettings, stdin: TextIO = sys.stdin, stdout: TextIO 
                 print(f"Loaded calibration for {len(session.threshold)} tags.", file=stdout)
             elif cmd in ("exclude", "include") and arg:
                 _need_metadata(session, cmd)
-                if arg not in CATEGORIES:
-                    print(f"Unknown category '{arg}'. Choose from: {' '.join(CATEGORIES)}", file=stdout)
+                choices = [*CATEGORIES, *SUBCATEGORIES]
+                if arg not in choices:
+                    print(f"Unknown category '{arg}'. Choose from: {' '.join(choices)}", file=stdout)
                     continue
-                cid = CATEGORIES[arg]
-                if cmd == "exclude" and cid not in session.exclude:
-                    session.exclude.append(cid)
-                elif cmd == "include" and cid in session.exclude:
-                    session.exclude.remove(cid)
+                if cmd == "exclude" and arg not in session.exclude:
+                    session.exclude.append(arg)
+                elif cmd == "include" and arg in session.exclude:
+                    session.exclude.remove(arg)
             elif cmd == "implications" and arg:
-                if arg not in MODES:
-                    print(f"Unknown implications mode '{arg}'. Choose from: {' '.join(MODES)}", file=stdout)
+                if arg not in tagger.family.implication_modes:
+                    print(f"Unknown implications mode '{arg}'. Choose from: "
+                          f"{' '.join(tagger.family.implication_modes)}", file=stdout)
                     continue
                 if arg != "off":
                     _need_metadata(session, cmd)
                 session.mode = arg
-            elif cmd == "seqlen" and arg:
-                if getattr(tagger, "family", "jtp3") != "jtp3":
-                    print("seqlen applies to JTP-3 only (the DINOv3 tagger uses --max-size).", file=stdout)
-                    continue
+            elif cmd == size.name and arg:
                 n = int(arg) if arg.isdigit() else 0
-                if not MIN_SEQLEN <= n <= MAX_SEQLEN:
-                    print(f"Sequence length must be between {MIN_SEQLEN} and {MAX_SEQLEN}.", file=stdout)
+                if not size.minimum <= n <= size.maximum:
+                    print(f"{size.label} must be between {size.minimum} and {size.maximum}.", file=stdout)
                     continue
-                tagger.seqlen = n
+                tagger.size = n
                 continue
             else:
                 _classify(tagger, rules, line, stdout)
@@ -110,9 +120,8 @@ def _classify(tagger, rules: TagRules, path: str, stdout: TextIO) -> None:
         print(f"'{path}': {describe_error(e)}", file=stdout)
         return
     probs = tagger.predict_samples([sample], rules.active())[0]
-    tags = rules.classify(probs)
-    for tag in sorted(tags, key=lambda t: (-tags[t], t)):
-        print(f"  {to_symmetric(tags[tag]) * 100:6.1f}% {tag}", file=stdout)
+    for tag, p in ranked(rules.classify(probs)):
+        print(f"  {to_symmetric(p) * 100:6.1f}% {tag}", file=stdout)
 
 
 def _need_metadata(session: TagSettings, cmd: str) -> None:

@@ -27,6 +27,9 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import numpy as np
+from PIL.Image import DecompressionBombError, UnidentifiedImageError
+
+from hydra.images.decode import ImageTooLarge, UnreadableImage
 
 
 class LoadError(Exception):
@@ -40,17 +43,17 @@ def describe_error(e: BaseException) -> str:
         return text
     if isinstance(e, FileNotFoundError):
         return "file not found (or a dangling link)"
-    if type(e).__name__ == "ImageTooLarge":
+    if isinstance(e, ImageTooLarge | UnreadableImage):  # already one line for the user
         return text
     if isinstance(e, PermissionError):
         return "permission denied"
     if isinstance(e, IsADirectoryError):
         return "is a directory"
-    if type(e).__name__ == "UnidentifiedImageError":
+    if isinstance(e, UnidentifiedImageError):
         return "not an image Pillow can read (unknown or damaged format)"
     if isinstance(e, OSError) and "truncated" in text:
         return "the image file is truncated"
-    if type(e).__name__ == "DecompressionBombError":
+    if isinstance(e, DecompressionBombError):
         return f"refused as a possible decompression bomb ({text})"
     return f"{text} ({type(e).__name__})" if text else type(e).__name__
 
@@ -165,8 +168,9 @@ class _Slot:
         self.conn.close()
 
 
+# One thread per worker (the workers are the parallelism), no CUDA; libvips reads VIPS_CONCURRENCY at import.
 _WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-               "CUDA_VISIBLE_DEVICES": ""}
+               "VIPS_CONCURRENCY": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 class ImageLoader:

@@ -13,16 +13,19 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from hydra.bulk.batching import group_by_length, sample_length
+from hydra.bulk.batching import group_by_length
 from hydra.bulk.loader import ImageLoader, LoadError
 from hydra.common import AtomicFile, atomic_write
-from hydra.tags.rules import TagRules, format_caption
+from hydra.tags.rules import CaptionFormat, TagRules, ranked
+
+if TYPE_CHECKING:
+    from hydra.tagger import Tagger
 
 # Files never treated as images (the original's skip list, matched case-insensitively here).
 SKIP_SUFFIXES = (".txt", ".csv", ".json", ".py", ".safetensors")
@@ -143,16 +146,21 @@ class CaptionSink:
     """Writes one `.txt` caption beside each image (atomically, UTF-8, no trailing newline).
 
     With `append`, an existing caption is kept and only new tags are added to it (`--existing append`).
+
+    Args:
+        rules: the run's TagRules (which tags an image gets).
+        captions: how they are spelled and ordered (the family's style plus the spelling flags).
     """
 
-    def __init__(self, rules: TagRules, prefix: str = "", shuffle: bool = False, append: bool = False):
-        self.rules, self.prefix, self.shuffle, self.append = rules, prefix, shuffle, append
+    def __init__(self, rules: TagRules, captions: CaptionFormat, prefix: str = "", shuffle: bool = False,
+                 append: bool = False):
+        self.rules, self.captions, self.prefix, self.shuffle, self.append = rules, captions, prefix, shuffle, append
 
     def needed_tags(self) -> np.ndarray | None:
         return self.rules.active()
 
     def write(self, path: str, probs: np.ndarray) -> None:
-        caption = format_caption(self.rules.classify(probs), self.prefix, self.shuffle)
+        caption = self.captions.caption(self.rules.classify(probs), self.prefix, self.shuffle)
         target = caption_path(path)
         if self.append and os.path.exists(target):
             caption = merge_captions(read_caption(target), caption, self.prefix)
@@ -166,17 +174,18 @@ class CaptionSink:
 class CsvSink:
     """Raw probabilities of every tag, one row per image (`%.4f`, model order, csv default dialect).
 
-    `-o -` prints rows to stdout without a header (as the original); `-o PATH` writes a header row
-    (`filename`, then the tag names) and the rows to PATH, which appears only when the run completes.
+    `-o PATH` writes a header row (`filename`, then the tag names) and the rows to PATH, which appears only when
+    the run completes; `-o -` prints the rows to stdout, with the header only for families whose original
+    does so (`header_on_stdout`: Hydra 3.5; JTP-3's original prints none).
     """
 
-    def __init__(self, target: str, labels: Sequence[str]):
+    def __init__(self, target: str, labels: Sequence[str], header_on_stdout: bool = False):
         # surrogateescape: a file name that is not valid UTF-8 is written back as its original bytes
         self._file = None if target == "-" else AtomicFile(target, "w", encoding="utf-8", newline="",
                                                              errors="surrogateescape")
         self._out = sys.stdout if self._file is None else self._file.file
         self._csv = csv.writer(self._out)
-        if self._file is not None:
+        if self._file is not None or header_on_stdout:
             self._csv.writerow(["filename", *labels])
 
     def needed_tags(self) -> np.ndarray | None:
@@ -214,7 +223,7 @@ class PrintSink:
 
     def write(self, path: str, probs: np.ndarray) -> None:
         tags = self.rules.classify(probs)
-        ordered = sorted(tags.items(), key=lambda kv: (-kv[1], kv[0]))
+        ordered = ranked(tags)
         item = {"file": path, "tags": [{"tag": t, "score": round(p, 4)} for t, p in ordered]}
         if self.fmt == "json":
             self._items.append(item)
@@ -244,24 +253,24 @@ def report(path: str, reason: str, bar: tqdm | None = None) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def run_bulk(predict: Callable[[list[dict], np.ndarray | None], np.ndarray], preprocess: Callable,
-             paths: Sequence[str], sink: CaptionSink | CsvSink | PrintSink, *, batch_size: int = 1, workers: int = 0,
-             share_memory: bool = True, progress: bool = True) -> Summary:
+def run_bulk(tagger: Tagger, paths: Sequence[str], sink: CaptionSink | CsvSink | PrintSink, *, batch_size: int = 1,
+             workers: int = 0, share_memory: bool = True, progress: bool = True) -> Summary:
     """Tag `paths` and hand each image's probabilities to `sink`.
 
     Args:
-        predict: (samples, needed-tag mask or None) -> (B, T) probabilities, e.g. `Tagger.predict_samples`.
-        preprocess: picklable item -> sample function, run by the loader workers.
+        tagger: the loaded model; its picklable `preprocess` runs in the loader workers, `predict_samples` here.
+        batch_size: images per model call (similar lengths are grouped, see hydra/bulk/batching.py).
+        workers: loader processes (0 = decode in this process).
     """
     summary = Summary()
     needed = sink.needed_tags()
     bar = tqdm(total=len(paths), unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     ok = False
     try:
-        with ImageLoader(preprocess, workers, share_memory) as loader:
-            for batch in _batches(loader.imap(paths), batch_size, summary, bar):
+        with ImageLoader(tagger.preprocess, workers, share_memory) as loader:
+            for batch in _batches(loader.imap(paths), batch_size, tagger.sample_tokens, summary, bar):
                 names = [p for p, _ in batch]
-                probs = predict([s for _, s in batch], needed)
+                probs = tagger.predict_samples([s for _, s in batch], needed)
                 for name, row in zip(names, probs):
                     try:
                         sink.write(name, row)
@@ -276,8 +285,8 @@ def run_bulk(predict: Callable[[list[dict], np.ndarray | None], np.ndarray], pre
     return summary
 
 
-def _batches(results: Iterable[tuple[str, dict | LoadError]], size: int, summary: Summary,
-             bar: tqdm) -> Iterator[list[tuple[str, dict]]]:
+def _batches(results: Iterable[tuple[str, dict | LoadError]], size: int, tokens: Callable[[dict], int],
+             summary: Summary, bar: tqdm) -> Iterator[list[tuple[str, dict]]]:
     def loaded() -> Iterator[tuple[str, dict]]:
         for path, sample in results:
             if isinstance(sample, LoadError):
@@ -287,5 +296,5 @@ def _batches(results: Iterable[tuple[str, dict | LoadError]], size: int, summary
             yield path, sample
 
     # Similar lengths batched together (little padding); the first image still goes alone (hydra/batching.py).
-    yield from group_by_length(loaded(), size, lambda item: sample_length(item[1]))
+    yield from group_by_length(loaded(), size, lambda item: tokens(item[1]))
 

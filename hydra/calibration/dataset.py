@@ -47,11 +47,9 @@ import numpy as np
 from hydra.bulk.run import iter_images, read_caption, report, run_bulk
 from hydra.calibration.thresholds import VALIDATION_THRESHOLDS, Curve, counts_from_scores, curves_from_counts
 from hydra.common import atomic_write, log
-from hydra.images.naflex import DEFAULT_MAX_SIZE, DEFAULT_SEQLEN
 
 if TYPE_CHECKING:
-    from hydra.models.extensions import Extension
-    from hydra.tagger import Tagger
+    from hydra.tagger import Tagger, TaggerSpec
 
 SIDECAR_SUFFIXES = (".json", ".txt")  # looked for in this order: the structured file wins
 CACHE_DIR = ".hydra-calibration"  # inside the dataset folder; the dot keeps folder scans out of it
@@ -156,20 +154,21 @@ class TagMatcher:
 
     Args:
         labels: the model's labels, model order.
-        pussy_alias: also accept `pussy` for `vulva` (JTP-3 captions are written with that rename).
+        renames: the family's caption renames (old, new): the renamed spelling is accepted too (JTP-3 captions
+            are written with `pussy` for `vulva`).
     """
 
-    def __init__(self, labels: Sequence[str], pussy_alias: bool = False):
+    def __init__(self, labels: Sequence[str], renames: Sequence[tuple[str, str]] = ()):
         self.labels = list(labels)
         self._index: dict[str, int] = {}
         for i, label in enumerate(self.labels):
             self._index.setdefault(label, i)
         for i, label in enumerate(self.labels):
             self._index.setdefault(_key(label), i)
-        if pussy_alias:
+        for old, new in renames:
             for i, label in enumerate(self.labels):
-                if "vulva" in label:
-                    self._index.setdefault(_key(label.replace("vulva", "pussy")), i)
+                if old in label:
+                    self._index.setdefault(_key(label.replace(old, new)), i)
 
     def index(self, tag: str) -> int | None:
         """The label index of `tag`, or None."""
@@ -289,50 +288,25 @@ def close_under_implications(truth: np.ndarray, matcher: TagMatcher,
 # The model and its cache key
 
 
-@dataclass
-class ModelSpec:
-    """Everything that determines the probabilities; `load()` builds the Tagger only when needed."""
+def key_info(spec: TaggerSpec) -> dict:
+    """What the cache key is a hash of: the model files' identity and the settings that change p."""
+    from hydra.common import choose_dtype, default_device
+    from hydra.models import detect
 
-    checkpoint: str
-    vocab: str | None = None
-    extensions: list[Extension] = field(default_factory=list)
-    device: str | None = None
-    dtype: str | None = None          # "bf16", "fp32", or None / "auto"
-    seqlen: int = DEFAULT_SEQLEN      # JTP-3
-    max_size: int = DEFAULT_MAX_SIZE  # DINOv3 (and the two fixes below)
-    exif: bool = False
-    white_background: bool = False
+    family = detect(spec.path)
+    # the resolved dtype, not "auto": bf16 and fp32 give slightly different probabilities. The device is
+    # left out on purpose: CPU and GPU kernels differ far below the 0.01 threshold grid.
+    dtype = str(choose_dtype(spec.device or default_device(), spec.dtype)[0]).removeprefix("torch.")
+    files = family.model_files(spec.path, spec.options)
+    return {"version": CACHE_VERSION, "family": family.name, "files": [_file_id(p) for p in files],
+            "dtype": dtype, **family.cache_settings(spec.size, spec.options)}
 
-    def family(self) -> str:
-        from hydra.tagger import detect_family
 
-        return detect_family(self.checkpoint, self.vocab)
-
-    def key_info(self) -> dict:
-        """What the cache key is a hash of: the model files' identity and the settings that change p."""
-        from hydra.common import choose_dtype, default_device
-        from hydra.tagger import JTP3, find_vocab
-
-        family = self.family()
-        files = [self.checkpoint] + ([] if family == JTP3 else [self.vocab or find_vocab(self.checkpoint)])
-        files += [ext.path for ext in self.extensions]
-        # the resolved dtype, not "auto": bf16 and fp32 give slightly different probabilities. The device is
-        # left out on purpose: CPU and GPU kernels differ far below the 0.01 threshold grid.
-        dtype = str(choose_dtype(self.device or default_device(), self.dtype)[0]).removeprefix("torch.")
-        settings = {"seqlen": self.seqlen} if family == JTP3 else {
-            "max_size": self.max_size, "exif": self.exif, "white_background": self.white_background}
-        return {"version": CACHE_VERSION, "family": family, "files": [_file_id(p) for p in files],
-                "dtype": dtype, **settings}
-
-    def load(self) -> Tagger:
-        from hydra.tagger import Tagger
-
-        log(f"Loading '{self.checkpoint}' ...", end="")
-        tagger = Tagger(self.checkpoint, self.vocab, device=self.device, dtype=self.dtype, seqlen=self.seqlen,
-                        max_size=self.max_size, extensions=self.extensions, exif=self.exif,
-                        white_background=self.white_background)
-        log(f" {len(tagger.labels)} tags ({tagger.device}, {tagger.dtype_reason})")
-        return tagger
+def load_model(spec: TaggerSpec) -> Tagger:
+    log(f"Loading '{spec.path}' ...", end="")
+    tagger = spec.load()
+    log(f" {len(tagger.labels)} tags ({tagger.device}, {tagger.dtype_reason})")
+    return tagger
 
 
 def _file_id(path: str) -> list:
@@ -568,7 +542,7 @@ class DatasetResult:
         return curves_from_counts(tags, counts, VALIDATION_THRESHOLDS), dict(zip(tags, positives[cols].tolist()))
 
 
-def evaluate_dataset(folder: str, model: ModelSpec, *, recursive: bool = False,
+def evaluate_dataset(folder: str, model: TaggerSpec, *, recursive: bool = False,
                      implies: Mapping[str, Sequence[str]] | None = None, refresh: bool = False, batch_size: int = 1,
                      workers: int = 0, share_memory: bool = True, progress: bool = True) -> DatasetResult:
     """Read the sidecars, run the model on the labelled images not cached yet, and collect the results.
@@ -588,26 +562,26 @@ def evaluate_dataset(folder: str, model: ModelSpec, *, recursive: bool = False,
         FileNotFoundError: the folder does not exist.
         ValueError: no image has a sidecar naming a model tag.
     """
-    from hydra.tagger import JTP3
-
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"dataset folder '{folder}' does not exist")
     scan_errors: list[str] = []
     images = list(iter_images([folder], recursive, scan_errors))
     raw, no_sidecar, bad_sidecars = read_sidecars(images)
 
-    key_info = model.key_info()
-    cache = ProbabilityCache(cache_folder(folder, model.checkpoint, key_info), folder, key_info)
+    info = key_info(model)
+    cache = ProbabilityCache(cache_folder(folder, model.path, info), folder, info)
     if refresh:
         cache.clear()
     else:
         cache.load()
     tagger = None
     if cache.labels is None:  # a new cache (or --refresh): the labels come from the model itself
-        tagger = model.load()
+        tagger = load_model(model)
         cache.set_labels(tagger.labels)
     labels = cache.labels
-    truth = ground_truth(raw, TagMatcher(labels, pussy_alias=key_info["family"] == JTP3), implies)
+    from hydra.models import detect
+
+    truth = ground_truth(raw, TagMatcher(labels, detect(model.path).caption.renames), implies)
     truth.no_sidecar, truth.failed = no_sidecar, bad_sidecars
     _log_truth(folder, len(images), truth, implies is not None)
     if not truth.images:
@@ -620,12 +594,11 @@ def evaluate_dataset(folder: str, model: ModelSpec, *, recursive: bool = False,
     log(f"Probabilities: {len(rows)} cached, {len(todo)} to compute (cache '{cache.folder}').")
     failed_images = 0
     if todo:
-        tagger = tagger or model.load()
+        tagger = tagger or load_model(model)
         assert tagger.labels == labels, "cache folder key collision"  # the key hashes the model files
         sink = _CacheSink(cache, stats)
-        summary = run_bulk(lambda samples, _: tagger.predict_samples(samples), tagger.preprocess, todo, sink,
-                           batch_size=batch_size, workers=min(workers, len(todo)), share_memory=share_memory,
-                           progress=progress)
+        summary = run_bulk(tagger, todo, sink, batch_size=batch_size, workers=min(workers, len(todo)),
+                           share_memory=share_memory, progress=progress)
         rows.update(sink.rows)
         failed_images = summary.failed
     cache.compact()

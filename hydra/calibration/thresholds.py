@@ -325,7 +325,8 @@ def custom_metric(tp: np.ndarray, fp: np.ndarray, tn: np.ndarray, fn: np.ndarray
                               "in custom_metric() in hydra/calibration/thresholds.py")
 
 
-METRIC_CHOICES = "cti (or ts, csi), j (or bmi), p4, f<beta> such as f1, f0.5 or f2, custom"
+METRIC_CHOICES = ("cti (or ts, csi), csi<w> (CSI with false positives weighted w), j (or bmi), p4, f<beta> such "
+                  "as f1, f0.5 or f2 (f alone = f1), custom; any of them with @P for a precision floor P")
 
 
 def get_metric(name: str) -> Metric:
@@ -339,16 +340,39 @@ def get_metric(name: str) -> Metric:
                                 "p4": p4, "custom": custom_metric}
     if key in named:
         return named[key]
-    if key.startswith("f") and _is_float(key[1:]):
-        beta = float(key[1:])
+    if key == "f" or key.startswith("f") and _is_float(key[1:]):
+        beta = float(key[1:] or 1)
         if not (math.isfinite(beta) and beta > 0):
             raise ValueError(f"metric {name!r}: F-beta needs a beta > 0 (e.g. f1, f0.5, f2)")
         return f_beta(beta)
+    if key.startswith("csi") and _is_float(key[3:]):
+        w = float(key[3:])
+        if not (math.isfinite(w) and w >= 0):
+            raise ValueError(f"metric {name!r}: the false-positive weight must be >= 0 (e.g. csi1.0, csi2.0)")
+        return lambda tp, fp, tn, fn: cti(tp, np.multiply(fp, w), tn, fn)  # TP / (TP + w FP + FN)
     raise ValueError(f"unknown metric {name!r}; choose one of: {METRIC_CHOICES}")
 
 
 # ---------------------------------------------------------------------------------------------------
 # Selection (spec §5.3)
+
+
+def split_floor(metric: str) -> tuple[str, float | None]:
+    """`f1.0@0.1` -> ("f1.0", 0.1): upstream Hydra 3.5's metric syntax puts the precision floor after `@`.
+
+    Raises:
+        ValueError: the floor is not a number in [0, 1).
+    """
+    name, at, floor = metric.partition("@")
+    if not at:
+        return name, None
+    try:
+        value = float(floor)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < 1:
+        raise ValueError(f"metric {metric!r}: the precision floor after '@' must be a number from 0 to below 1")
+    return name, value
 
 
 def candidate_mask(

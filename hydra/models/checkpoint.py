@@ -10,13 +10,19 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported by the functions that move tensors: the family registry reads metadata with this module
+# and stays torch-free.
 
 BACKBONE = "naflexvit_so400m_patch16_siglip"  # timm's name; hydra/backbone.py builds it
 ARCHITECTURE = BACKBONE + "+rr_hydra"   # `modelspec.architecture` of JTP-3 and its extensions
+HYDRA35_ARCHITECTURE = BACKBONE + "+rr_hydra2"  # Hydra 3.5's, matched exactly as upstream does
 KEY_ARCHITECTURE = "modelspec.architecture"
 KEY_LABELS = "classifier.labels"        # tag names joined with "\n", model order
 KEY_BACKBONE = "hydra.backbone"         # ours: JSON timm overrides for small test models
@@ -29,7 +35,7 @@ class CheckpointError(ValueError):
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The safetensors `__metadata__` block (empty dict if none)."""
     try:
-        with safe_open(os.fspath(path), framework="pt") as f:
+        with safe_open(os.fspath(path), framework="numpy") as f:
             return dict(f.metadata() or {})
     except FileNotFoundError:
         raise
@@ -74,11 +80,11 @@ def load_tensors(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
     return tensors, meta
 
 
-_FLOAT_NAMES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_FLOAT_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 def _needs_cast(stored: str, dtype: torch.dtype) -> bool:
-    return stored in _FLOAT_NAMES and _FLOAT_NAMES[stored] != dtype
+    return stored in _FLOAT_NAMES and f"torch.{_FLOAT_NAMES[stored]}" != str(dtype)
 
 
 def _read_ahead(path: str | os.PathLike) -> None:
@@ -155,6 +161,8 @@ def check_architecture(path: str | os.PathLike, meta: Mapping[str, str]) -> str:
 def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                      metadata: Mapping[str, str]) -> None:
     """Write atomically: a hidden temporary file in the same folder, renamed over `path` when complete."""
+    from safetensors.torch import save_file
+
     from hydra.common import temp_beside
 
     fd, tmp = temp_beside(path)

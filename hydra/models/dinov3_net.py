@@ -9,7 +9,7 @@ same layout load the same way.
 Two things differ from a plain timm DINOv3 and are reproduced for parity with the published script:
 - RoPE patch coordinates are multiplied by 2 at inference (`ROPE_RESCALE`); timm, Meta and transformers
   only use that factor as a train-time augmentation (spec §3 "Important divergence").
-- Preprocessing (in `hydra/image.py`, torch-free for loader workers; re-exported here): long edge capped at
+- Preprocessing (in `hydra/images/dinov3.py`, torch-free for loader workers): long edge capped at
   1024 and each side floored to a multiple of 16, LANCZOS, alpha dropped, no EXIF orientation (spec §4).
   `DinoV3Preprocess` can fix the last two behind flags.
 
@@ -28,15 +28,15 @@ from itertools import chain
 
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
 from torch import Tensor, nn
 
-from hydra.images.naflex import IMAGENET_MEAN, IMAGENET_STD, DinoV3Preprocess, snap_size  # noqa: F401 (re-exported)
+from hydra.images.naflex import PATCH_SIZE
 from hydra.models.vocab import Vocab, load_vocab
 
 TIMM_MODEL = "vit_huge_plus_patch16_dinov3_qkvb"  # the _qkvb variant keeps the trained q / v biases
-PATCH_SIZE = 16
 HEAD_DIM = 64  # attention heads = width / 64 unless the checkpoint metadata says otherwise
 ROPE_RESCALE = 2.0  # the published script's constant RoPE coordinate scale (spec §3)
 METADATA_KEY = "hydra.backbone"  # safetensors metadata: JSON object of timm constructor overrides
@@ -373,6 +373,20 @@ class DinoV3Tagger(nn.Module):
             f"expected (B, 3, H, W) with H, W multiples of {PATCH_SIZE}, got {tuple(pixels.shape)}")
         tokens = self.backbone.forward_features(pixels.to(self.dtype))  # (B, N, D), final norm applied
         return tokens[:, : self.num_prefix_tokens].flatten(1).float()  # (B, F)
+
+    @property
+    def head_device(self) -> torch.device:
+        return next(self.head.parameters()).device
+
+    def head_rows(self, feats: Tensor, tags: Tensor | None = None) -> Tensor:
+        """The head's logits (B, T) for features (B, F), or only the columns in `tags` (same numbers, less work)."""
+        head = self.head
+        if tags is None:
+            return head(feats)
+        if isinstance(head, nn.Linear):
+            return F.linear(feats, head.weight[tags], None if head.bias is None else head.bias[tags])
+        up = head.proj_up  # low-rank pair: down-project once, then only the needed rows of the up matrix
+        return F.linear(head.proj_down(feats), up.weight[tags], None if up.bias is None else up.bias[tags])
 
     def forward(self, pixels: Tensor) -> Tensor:
         """Tag logits (apply sigmoid for probabilities).

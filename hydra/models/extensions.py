@@ -15,16 +15,18 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from hydra.models.checkpoint import ARCHITECTURE, KEY_ARCHITECTURE, CheckpointError, load_tensors, save_safetensors
-from hydra.models.head import RMS_EPS, HydraPool
-from hydra.models.resources import DEFAULT_EXTENSIONS, default_extension_dir
 
+if TYPE_CHECKING:
+    import torch
+
+    from hydra.models.head import HydraPool
+
+# torch is imported by the functions that merge and write tensors: finding and listing extension files (the
+# CLI, calibrate.py) stays torch-free.
 IMPLEMENTATION = "redrocket.extension.label.v1"
-DEFAULT_EXTENSION_DIR = DEFAULT_EXTENSIONS
 KEY_IMPLEMENTATION = "modelspec.implementation"
 KEY_LABEL = "classifier.label"
 KEY_CATEGORY = "classifier.label.category"
@@ -51,16 +53,15 @@ class Extension:
 
 
 def find_extensions(paths: Sequence[str | os.PathLike] | None = None, use_default: bool = True,
-                    default_dir: str | os.PathLike | None = None) -> list[str]:
+                    default_dir: str | os.PathLike = "") -> list[str]:
     """Expand `-e` arguments: a directory yields its non-dot `*.safetensors` files (sorted, not recursive).
 
-    The default folder (`extensions/jtp-3-hydra` in the project folder) is added when it exists and
-    `use_default` is True (`-E` turns it off). The original lists folders in file-system order; we sort so
-    that appended tags get a stable order.
+    The model family's default folder (`default_dir`, e.g. `extensions/jtp-3-hydra` in the project folder) is
+    added when it exists and `use_default` is True (`-E` turns it off). The original lists folders in
+    file-system order; we sort so that appended tags get a stable order.
     """
     roots = [os.fspath(p) for p in (paths or [])]
-    default_dir = default_extension_dir() if default_dir is None else default_dir
-    if use_default and os.path.isdir(default_dir) and os.fspath(default_dir) not in roots:
+    if use_default and default_dir and os.path.isdir(default_dir) and os.fspath(default_dir) not in roots:
         roots.insert(0, os.fspath(default_dir))
     found: list[str] = []
     for root in roots:
@@ -105,9 +106,9 @@ def read_extension(path: str | os.PathLike) -> Extension:
     )
 
 
-def load_extensions(paths: Sequence[str | os.PathLike] | None = None, use_default: bool = True) -> list[Extension]:
-    """Find and read extensions; two files with the same label are a conflict."""
-    exts = [read_extension(p) for p in find_extensions(paths, use_default)]
+def load_extensions(paths: Sequence[str | os.PathLike]) -> list[Extension]:
+    """Read extension files and folders (see `find_extensions`); two files with the same label are a conflict."""
+    exts = [read_extension(p) for p in find_extensions(paths, use_default=False)]
     seen: dict[str, str] = {}
     for ext in exts:
         if ext.label in seen:
@@ -145,18 +146,26 @@ def merge_extensions(pool: HydraPool, labels: list[str], exts: Iterable[Extensio
             new_q.append(q)
             new_out.append(ext.out_proj)
     if new_q:
+        import torch
+
         pool.append_tags(torch.cat(new_q, dim=1), torch.cat(new_out, dim=0))
     return labels
 
 
 def rms_normalize(q: torch.Tensor) -> torch.Tensor:
     """RMSNorm over the head dim (no weight), computed in float32: rows get L2 norm sqrt(E)."""
+    import torch.nn.functional as F
+
+    from hydra.models.head import RMS_EPS
+
     return F.rms_norm(q.float(), (q.shape[-1],), eps=RMS_EPS).to(q.dtype)
 
 
 def save_extension(path: str | os.PathLike, q: torch.Tensor, out_proj: torch.Tensor,
                    metadata: dict[str, str], validation: torch.Tensor | None = None) -> None:
     """Write an extension file with only its own tensors (q RMS-normalised, as the base model stores q)."""
+    import torch
+
     tensors = {"q": rms_normalize(q).to(torch.bfloat16), "out_proj.weight": out_proj.to(torch.bfloat16)}
     if validation is not None:
         tensors["validation"] = validation.to(torch.int32)

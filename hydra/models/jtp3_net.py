@@ -13,10 +13,9 @@ Shape legend: B = images, S = tokens (padded), D = backbone width, T = tags, P =
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from timm.models.naflexvit import NaFlexVit
 from torch import Tensor
 
 from hydra.models.backbone import create_backbone
@@ -30,64 +29,22 @@ from hydra.models.checkpoint import (
 )
 from hydra.models.extensions import Extension, merge_extensions
 from hydra.models.head import HydraCfg, HydraPool
+from hydra.models.naflex import NaFlexTagModel
 from hydra.models.resources import DEFAULT_MODEL
 
 
 @dataclass
-class JTP3Model:
-    """A loaded JTP-3 network with its labels (model order, e621 spelling)."""
+class JTP3Model(NaFlexTagModel):
+    """A loaded JTP-3 network: the backbone whose `attn_pool` is the Hydra head, and its labels."""
 
-    net: NaFlexVit                   # timm backbone whose `attn_pool` is the HydraPool
-    labels: list[str]
-    path: str
-    metadata: dict[str, str]
-    extensions: list[Extension] = field(default_factory=list)
+    tag_metadata: None = None  # categories and implications come from the tags CSV, not from the file
 
     @property
     def head(self) -> HydraPool:
         return self.net.attn_pool
 
-    @property
-    def device(self) -> torch.device:
-        return self.net.embeds.proj.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.net.embeds.proj.weight.dtype
-
-    @property
-    def depth(self) -> int:
-        return len(self.net.blocks)
-
-    def to_device_batch(self, batch: dict[str, Tensor], non_blocking: bool = False) -> dict[str, Tensor]:
-        """Move a collated uint8 batch to the device and normalise pixels to [-1, 1] in the run dtype.
-
-        On CUDA the host tensors are pinned first, so `non_blocking` copies really overlap with the GPU's
-        work (from pageable memory they are synchronous). Pixels travel as uint8 (4x less than fp32).
-        """
-        dev = self.device
-        padded = not bool(batch["patch_valid"].all())  # decided on the host: no device sync
-        if dev.type == "cuda":
-            batch = {k: v.pin_memory() for k, v in batch.items()}
-        patches = batch["patches"].to(dev, non_blocking=non_blocking)
-        # The release computes (x / 127.5) - 1 in the activation dtype; same ops, same rounding.
-        patches = patches.to(self.dtype).div_(127.5).sub_(1.0)  # (B, S, P)
-        return {
-            "patches": patches,
-            "patch_coord": batch["patch_coord"].to(dev, non_blocking=non_blocking).int(),  # (B, S, 2)
-            # No padding anywhere: pass no mask at all (faster attention, identical numbers).
-            "patch_valid": batch["patch_valid"].to(dev, non_blocking=non_blocking) if padded else None,
-        }
-
-    def features(self, batch: dict[str, Tensor]) -> Tensor:
-        """Final-LayerNorm token features (B, S, D) for a device batch from `to_device_batch`."""
-        out = self.net.forward_features(batch["patches"], patch_coord=batch["patch_coord"],
-                                        patch_valid=batch["patch_valid"])
-        return out["patches"]
-
-    def logits(self, batch: dict[str, Tensor], tags: Tensor | None = None) -> Tensor:
-        """Logits (B, T) (or (B, len(tags))) in the run dtype."""
-        return self.head(self.features(batch), batch["patch_valid"], tags)
+    def head_logits(self, x: Tensor, patch_valid: Tensor | None, tags: Tensor | None = None) -> Tensor:
+        return self.head(x, patch_valid, tags)
 
 
 def load_jtp3(path: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device = "cpu",

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hydra.common import log
 from hydra.hub import DownloadError, ensure_file
+
+if TYPE_CHECKING:
+    from hydra.models.family import DefaultFile
 
 ROOT = Path(__file__).resolve().parents[2]  # the project folder (hydra/models/ is two below)
 DEFAULT_MODEL = "models/jtp-3-hydra.safetensors"
@@ -56,8 +60,8 @@ def resolve_model(path: str | None) -> str:
     return default
 
 
-def resolve_metadata(path: str | None) -> str | None:
-    """The tag metadata CSV: `path` if given ('' = none), else the default (fetched if missing).
+def resolve_metadata(path: str | None, default: DefaultFile | None) -> str | None:
+    """The tag metadata CSV: `path` if given ('' = none), else the family's default file (fetched if missing).
 
     Without the default file and without a way to fetch it, the run goes on without metadata (no
     implications or category exclusion), as the original does when the file is absent.
@@ -68,14 +72,22 @@ def resolve_metadata(path: str | None) -> str | None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"metadata file '{path}' does not exist")
         return path
-    default = project_path(DEFAULT_METADATA)
+    if default is None:
+        return None
     try:
-        ensure_file(default, DEFAULT_METADATA, sha256=METADATA_SHA256, size=METADATA_SIZE, what="tag metadata")
+        return ensure_default(default)
     except DownloadError as e:
         log(f"warning: {e} Continuing without tag metadata (no implications or category exclusion).")
         return None
-    return default
 
 
-def default_extension_dir() -> str:
-    return project_path(DEFAULT_EXTENSIONS)
+def ensure_default(default: DefaultFile) -> str:
+    """The project's copy of a default file, downloaded and checked on first use.
+
+    Raises:
+        DownloadError: it is missing and could not be fetched.
+    """
+    path = project_path(default.path)
+    ensure_file(path, default.repo_file, sha256=default.sha256, size=default.size, what=default.what,
+                repo_id=default.repo_id)
+    return path

@@ -31,17 +31,22 @@ MODE_HELP = {
 class ImplicationGraph:
     """Transitive implications among the model's labels.
 
-    Consequents that are not model labels are skipped, and chains through them are followed (a label can
-    imply another label through a tag the model does not predict). Cycles are tolerated (the closure is a
-    reachability set), although the shipped data has none.
+    Consequents that are not model labels are skipped. By default chains through them are followed (a label
+    can imply another label through a tag the model does not predict), as JTP-3's CSV graph needs; with
+    `through_unknown=False` such a consequent ends the chain, as Hydra 3.5's label graph does (a label's
+    entry lists only its direct implications, and a tag that is not a label has no entry). Cycles are
+    tolerated (the closure is a reachability set, and a tag is never its own consequent), although the
+    shipped data has none.
 
     Args:
         labels: model tags in model order.
         implies: tag -> direct consequents (tags absent from this mapping imply nothing).
+        through_unknown: follow implications through tags that are not model labels.
     """
 
-    def __init__(self, labels: Sequence[str], implies: Mapping[str, Sequence[str]]):
+    def __init__(self, labels: Sequence[str], implies: Mapping[str, Sequence[str]], through_unknown: bool = True):
         self.labels = list(labels)
+        self.through_unknown = through_unknown
         index = {t: i for i, t in enumerate(self.labels)}
         pairs = []
         for tag in self.labels:  # breadth-first reachability; ~12k pairs for the real data, milliseconds
@@ -51,9 +56,10 @@ class ImplicationGraph:
                 if c in seen:
                     continue
                 seen.add(c)
-                todo.extend(implies.get(c, ()))
                 if c in index:
                     pairs.append((index[tag], index[c]))
+                if through_unknown or c in index:
+                    todo.extend(implies.get(c, ()))
         pairs.sort(key=lambda ac: (ac[1], ac[0]))
         a = np.array([p[0] for p in pairs], dtype=np.int64)
         c = np.array([p[1] for p in pairs], dtype=np.int64)

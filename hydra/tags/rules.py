@@ -14,6 +14,7 @@ Conventions (spec §3):
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 import random
@@ -23,13 +24,17 @@ from functools import cached_property
 
 import numpy as np
 
+from hydra.tags import modes
 from hydra.tags.implications import MODES, ImplicationGraph
+from hydra.tags.rewrite import JTP3_ESCAPES, PROMPT_ESCAPES, Rewriter
 
-# e621 category ids (spec §3.3). `-x` accepts the names.
+# e621 category ids, as the tags CSV stores them. `-x` accepts the names, and the derived subcategories.
 CATEGORIES: dict[str, int] = {
-    "general": 0, "artist": 1, "copyright": 3, "character": 4, "species": 5, "meta": 7, "lore": 8,
+    "general": 0, "artist": 1, "contributor": 2, "copyright": 3, "character": 4, "species": 5, "invalid": 6,
+    "meta": 7, "lore": 8,
 }
 CATEGORY_NAMES: dict[int, str] = {v: k for k, v in CATEGORIES.items()}
+SUBCATEGORIES = modes.SUBCATEGORIES  # `color` (colour tags among general ones) and `rating` (safe/questionable/...)
 UNKNOWN_CATEGORY = -1
 
 
@@ -167,43 +172,63 @@ def category_vector(labels: Sequence[str], metadata: TagMetadata | None) -> np.n
     return np.array([cats.get(t, UNKNOWN_CATEGORY) for t in labels], dtype=np.int64)
 
 
-def parse_categories(names: Iterable[str]) -> list[int]:
-    """Category names (as given to `-x`) to ids, with a clear error listing the choices."""
-    ids = []
+def parse_categories(names: Iterable[str]) -> list[str]:
+    """Category names (as given to `-x`) checked against the choices (categories and subcategories)."""
+    names = list(names)
     for name in names:
-        if name not in CATEGORIES:
-            raise ValueError(f"unknown category {name!r}; choose from {' '.join(CATEGORIES)}")
-        ids.append(CATEGORIES[name])
-    return ids
+        if name not in CATEGORIES and name not in SUBCATEGORIES:
+            raise ValueError(f"unknown category {name!r}; choose from {' '.join([*CATEGORIES, *SUBCATEGORIES])}")
+    return names
+
+
+def category_names(labels: Sequence[str], metadata: TagMetadata | None) -> list[str]:
+    """Category name per model tag ("unassigned" for tags the metadata does not know)."""
+    return [CATEGORY_NAMES.get(int(i), "unassigned") for i in category_vector(labels, metadata)]
 
 
 @dataclass
 class TagRules:
     """Everything that turns probabilities into output tags, precomputed for the model's label order.
 
-    Build once per run (or whenever a setting changes), then call `classify` per image.
+    Build once per run (or whenever a setting changes), then call `classify` per image. Two orders of work,
+    as the families define them:
+    - JTP-3 (`after=False`): the implication mode adjusts the probabilities first (inherit / constrain), then
+      thresholds (or the top k), exclusive groups, exclusions, and `remove` drop tags;
+    - Hydra 3.5 (`after=True`): thresholds (or the top k) first, then upstream's pipeline over the passing
+      tags (`hydra.tags.modes`): qualify by mode, groups, exclusions, the value step, the remove step.
     """
 
     labels: list[str]                      # rewritten model labels, model order
     thresholds: np.ndarray                 # (T,) p-thresholds, +inf = never output
     graph: ImplicationGraph | None = None  # None when no metadata is loaded
-    mode: str = "off"                      # one of implications.MODES
-    excluded: np.ndarray | None = None     # (T,) bool, True = category excluded
+    mode: str = "off"                      # one of the family's implication modes
+    excluded: np.ndarray | None = None     # (T,) bool, True = excluded (category or tag)
     topk: int | None = None                # keep the k most probable tags instead of thresholding
+    groups: Sequence[modes.BoundGroup] = ()  # exclusive groups, in order (`modes.bind_groups`)
+    after: bool = False                    # implications act on the passing tags (Hydra 3.5)
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"unknown implications mode {self.mode!r}; choose from {' '.join(MODES)}")
+        choices = modes.MODES if self.after else MODES
+        if self.mode not in choices:
+            raise ValueError(f"unknown implications mode {self.mode!r}; choose from {' '.join(choices)}")
         if self.mode != "off" and self.graph is None:
             raise ValueError(f"implications mode {self.mode!r} requires tag metadata")
+        if self.graph is None and self.groups:  # groups also drop the tags implying a removed member
+            self.graph = ImplicationGraph(self.labels, {})
 
     def active(self) -> np.ndarray:
         """(T,) bool: tags whose probability can change the output (used to skip work in the model)."""
+        if self.after:
+            thresholds = np.zeros(len(self.labels)) if self.topk is not None else self.thresholds
+            return modes.active_mask(thresholds, self.graph or ImplicationGraph(self.labels, {}), self.mode,
+                                     self.groups, self.excluded)
         can_pass = np.isfinite(self.thresholds) & (self.thresholds <= 1.0)
         if self.topk is not None:
             can_pass = np.ones(len(self.labels), dtype=bool)
         if self.excluded is not None:
             can_pass &= ~self.excluded
+        for g in self.groups:
+            can_pass[np.concatenate([g.required, g.excepted, g.members])] = True
         if self.graph is None or self.mode in ("off", "remove"):
             return can_pass
         # inherit raises a tag to its antecedents' values, constrain lowers it to its consequents': a
@@ -212,35 +237,92 @@ class TagRules:
                                        down=self.mode in ("constrain", "constrain-remove"))
 
     def classify(self, probs: np.ndarray) -> dict[str, float]:
-        """One image's tags: {tag: adjusted probability} in model order (spec §3.2).
+        """One image's tags: {tag: adjusted probability} in model order.
 
         Args:
-            probs: (T,) sigmoid probabilities in model order.
+            probs: (T,) sigmoid probabilities in model order (NaN = not computed, never output).
         """
-        p = np.asarray(probs, dtype=np.float64)
+        p = np.asarray(probs, dtype=np.float64)  # float32 probabilities and thresholds compare exactly here
+        if self.after:
+            return self._classify_after(p)
         if self.mode == "inherit":
             p = self.graph.inherit(p)
         elif self.mode in ("constrain", "constrain-remove"):
             p = self.graph.constrain(p)
-        if self.topk is None:
-            keep = p >= self.thresholds
-            if self.excluded is not None:
-                keep &= ~self.excluded
-        else:  # the k best among the allowed tags (NaN = not computed)
-            score = np.where(np.isnan(p), -np.inf, p)
-            if self.excluded is not None:
-                score[self.excluded] = -np.inf
-            best = np.argsort(-score, kind="stable")[: self.topk]
-            keep = np.zeros(len(p), dtype=bool)
-            keep[best[np.isfinite(score[best])]] = True
+        keep = self._passing(p)
+        for g in self.groups:
+            keep = modes.apply_group(keep, keep, p, g, self.graph)
+        if self.excluded is not None:
+            keep &= ~self.excluded
         if self.mode in ("remove", "constrain-remove"):
             keep = self.graph.remove_implied(keep)
         return {self.labels[i]: float(p[i]) for i in np.flatnonzero(keep)}
 
+    def _passing(self, p: np.ndarray) -> np.ndarray:
+        """p >= threshold, or the k best among the tags not excluded (NaN = not computed)."""
+        if self.topk is None:
+            return p >= self.thresholds
+        score = np.where(np.isnan(p), -np.inf, p)
+        if self.excluded is not None:
+            score[self.excluded] = -np.inf
+        best = np.argsort(-score, kind="stable")[: self.topk]
+        keep = np.zeros(len(p), dtype=bool)
+        keep[best[np.isfinite(score[best])]] = True
+        return keep
+
+    def _classify_after(self, p: np.ndarray) -> dict[str, float]:
+        graph = self.graph or ImplicationGraph(self.labels, {})
+        passing = self._passing(p)
+        present = modes.qualify(passing, graph, self.mode)
+        for g in self.groups:
+            present = modes.apply_group(present, passing, p, g, graph)
+        if self.excluded is not None:
+            present &= ~self.excluded
+        values = modes.adjust_values(p, present, graph, self.mode)
+        if self.mode in ("remove", "constrain-remove", "enforce-remove"):
+            present = graph.remove_implied(present)
+        return {self.labels[i]: float(values[i]) for i in np.flatnonzero(present)}
+
+
+@dataclass(frozen=True)
+class CaptionFormat:
+    """How a run spells and orders caption tags: the family's style plus `-a/-A`, `-B`, `-u`, `-P`.
+
+    Attributes:
+        rewriter: label -> caption text (aliases, category prefixes, underscores, escapes).
+        order: "probability" (most probable first, JTP-3) or "model" (model order, Hydra 3.5).
+        split_prefix: `-p TEXT` is a list of items split on the separator (Hydra 3.5); otherwise one item.
+    """
+
+    rewriter: Rewriter = field(default_factory=lambda: Rewriter([], [], escape=JTP3_ESCAPES))
+    order: str = "probability"
+    split_prefix: bool = False
+
+    def name(self, tag: str) -> str:
+        return self.rewriter.name(tag)
+
+    def caption(self, tags: Mapping[str, float], prefix: str = "", shuffle: bool = False,
+                rng: random.Random | None = None) -> str:
+        """The caption: the prefix item(s) first (a tag spelled the same is not repeated), then the tags in
+        this format's order, or shuffled (the original JTP-3 always shuffles; `--shuffle`)."""
+        order = [t for t, _ in ranked(tags)] if self.order == "probability" else list(tags)
+        items = self.rewriter.split_prefix(prefix) if self.split_prefix else [prefix] if prefix else []
+        return self.rewriter.caption(order, items, shuffle, rng)
+
+
+def caption_format(labels: Sequence[str], categories: Sequence[str], style, *, aliases: Mapping[str, str] | None = None,
+                   category_prefixes: Mapping[str, str] | None = None, underscores: bool = False,
+                   prompt: bool = False) -> CaptionFormat:
+    """A run's caption format from the family's `CaptionStyle` and the spelling flags."""
+    escape = "".join(dict.fromkeys(style.escape + (PROMPT_ESCAPES if prompt else "")))
+    rewriter = Rewriter(labels, categories, aliases, category_prefixes, underscores=underscores, escape=escape)
+    return CaptionFormat(rewriter, style.order, split_prefix=style.order == "model")
+
 
 @dataclass
 class TagSettings:
-    """The user's tag settings for a run or an interactive session (`-t`, `-m`, `-i`, `-x`, `--topk`).
+    """The user's tag settings for a run or an interactive session (`-t`, `-m`, `-i`, `-x`, `--topk`, groups,
+    tag exclusion, caption spelling).
 
     `rules()` turns them into TagRules; the implication graph is built once (metadata must not change
     after the first call).
@@ -251,34 +333,44 @@ class TagSettings:
     rewrite: Callable[[str], str]
     threshold: Threshold
     mode: str
-    exclude: list[int] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)       # category and subcategory names (`-x`, `-C`)
     topk: int | None = None           # `--topk`: the k best tags instead of the threshold
+    exclude_tags: list[str] = field(default_factory=list)  # tag names (`--exclude-tag`, `-X`)
+    groups: list[modes.ExclusiveGroup] = field(default_factory=list)  # `-g`, `-G`
+    after: bool = False               # the family's implication modes act after thresholding (Hydra 3.5)
+    captions: CaptionFormat = field(default_factory=CaptionFormat)
 
     @cached_property
     def graph(self) -> ImplicationGraph | None:
-        return ImplicationGraph(self.labels, self.metadata.implies) if self.metadata is not None else None
+        if self.metadata is None:
+            return None
+        return ImplicationGraph(self.labels, self.metadata.implies, through_unknown=not self.after)
 
-    def rules(self) -> TagRules:
+    def excluded(self) -> np.ndarray | None:
+        """(T,) bool of the excluded tags (categories, subcategories, names), or None."""
+        if not (self.exclude or self.exclude_tags):
+            return None
         if self.exclude and self.metadata is None:
             raise ValueError("category exclusion requires tag metadata (-m PATH)")
-        excluded = np.isin(category_vector(self.labels, self.metadata), self.exclude) if self.exclude else None
-        return TagRules(self.labels, threshold_vector(self.labels, self.threshold), self.graph, self.mode, excluded,
-                        self.topk)
+        return modes.exclusion_mask(self.labels, category_names(self.labels, self.metadata), self.exclude_tags,
+                                    self.exclude)
+
+    def rules(self, **changes) -> TagRules:
+        """TagRules of these settings, or of a copy with some fields changed (the web UI's per-request
+        threshold, mode, exclusions or top k); the implication graph is shared."""
+        s = dataclasses.replace(self, **changes) if changes else self
+        groups = modes.bind_groups(s.groups, s.labels)
+        return TagRules(s.labels, threshold_vector(s.labels, s.threshold), self.graph, s.mode, s.excluded(), s.topk,
+                        groups, s.after)
+
+
+def ranked(tags: Mapping[str, float]) -> list[tuple[str, float]]:
+    """(tag, p) pairs most probable first, ties by name: the one output order of captions, lists and APIs."""
+    return sorted(tags.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
 def format_caption(tags: Mapping[str, float], prefix: str = "", shuffle: bool = False,
                    rng: random.Random | None = None) -> str:
-    """The .txt caption: tags in caption spelling joined by ", ", most probable first.
-
-    The original shuffles the order randomly; `shuffle=True` does the same. A non-empty `prefix` goes first
-    and the tag equal to it (after caption spelling) is not repeated.
-    """
-    order = sorted(tags, key=lambda t: (-tags[t], t))
-    words = [caption_tag(t) for t in order]
-    if shuffle:
-        (rng or random).shuffle(words)
-    if prefix:
-        if prefix in words:
-            words.remove(prefix)
-        words.insert(0, prefix)
-    return ", ".join(words)
+    """The JTP-3 .txt caption (the default `CaptionFormat`): caption spelling, most probable first, joined by
+    ", "; a non-empty `prefix` goes first and the tag equal to it is not repeated."""
+    return CaptionFormat().caption(tags, prefix, shuffle, rng)

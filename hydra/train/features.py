@@ -2,7 +2,9 @@
 
 A training workspace is `<dir>/<tag_dir>/positive|negative` (+ `checkpoints`). Because the backbone is frozen,
 each image's final-LayerNorm token features are computed once and cached in bf16 beside it, in
-`<folder>/_cache/<cache_tag>__<name>.safetensors`; an epoch then only runs the head (hydra/training.py).
+`<folder>/_cache/<cache_tag>__<name>.safetensors`; an epoch then only runs the head (hydra/train/loop.py).
+The images go through the model family's own preprocessing (JTP-3: Pillow, Hydra 3.5: libvips), and
+features of different models must not share a cache tag (train_extension.py defaults it to the family name).
 
 Shape legend: N = valid tokens of one image, D = backbone width, B = images, S = tokens (padded).
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +26,7 @@ from hydra.bulk.loader import ImageLoader, LoadError
 from hydra.bulk.run import report
 from hydra.images.naflex import DEFAULT_SEQLEN, JTP3Preprocess, collate
 from hydra.models.checkpoint import CheckpointError, load_tensors, save_safetensors
-from hydra.models.jtp3_net import JTP3Model
+from hydra.models.naflex import NaFlexTagModel
 
 POSITIVE, NEGATIVE = "positive", "negative"
 CACHE_DIR = "_cache"
@@ -138,18 +140,21 @@ class CacheResult:
     seconds: float = 0.0  # time spent computing features
 
 
-def build_feature_cache(model: JTP3Model | None, images: Sequence[tuple[str, int]], cache_tag: str, *,
-                        batch_size: int = 4, workers: int = 0, share_memory: bool = True, rebuild: bool = False,
-                        check_mtime: bool = True, seqlen: int = DEFAULT_SEQLEN, progress: bool = True,
-                        ) -> CacheResult:
+def build_feature_cache(model: NaFlexTagModel | None, images: Sequence[tuple[str, int]], cache_tag: str, *,
+                        preprocess: Callable[[str], dict] | None = None, batch_size: int = 4, workers: int = 0,
+                        share_memory: bool = True, rebuild: bool = False, check_mtime: bool = True,
+                        seqlen: int = DEFAULT_SEQLEN, progress: bool = True) -> CacheResult:
     """Compute and save the features of every image whose cache is missing or stale.
 
     Images are decoded by `workers` loader processes and run through the backbone `batch_size` at a time.
     Unreadable images are reported on stderr (one line each) and counted; they are left out.
 
     Args:
-        model: the loaded model (only needed when something has to be computed).
+        model: the loaded model (only needed when something has to be computed): a NaFlex tag model
+            (`to_device_batch`, `features`).
         images: (path, label) pairs.
+        preprocess: the model's picklable image -> sample function (`Tagger.preprocess`); None = JTP-3's
+            Pillow pipeline at `seqlen` tokens (upstream's trainer).
         rebuild: recompute even fresh cache files.
         check_mtime: a cache file older than its image is stale (False: existence is enough).
 
@@ -166,7 +171,8 @@ def build_feature_cache(model: JTP3Model | None, images: Sequence[tuple[str, int
     try:
         if pending:
             assert model is not None, "features must be computed, but no model was given"
-            with ImageLoader(JTP3Preprocess(seqlen), min(workers, len(pending)), share_memory) as loader:
+            preprocess = preprocess or JTP3Preprocess(seqlen)
+            with ImageLoader(preprocess, min(workers, len(pending)), share_memory) as loader:
                 for batch in _sample_batches(loader.imap([p for p, _ in pending]), batch_size, result, bar):
                     done.update(_cache_batch(model, batch, cache_tag, result, bar))
                     bar.update(len(batch))
@@ -200,7 +206,7 @@ def _failed(result: CacheResult, path: str, reason: str, bar: tqdm) -> None:
 
 
 @torch.inference_mode()
-def _cache_batch(model: JTP3Model, batch: list[tuple[str, dict]], cache_tag: str, result: CacheResult,
+def _cache_batch(model: NaFlexTagModel, batch: list[tuple[str, dict]], cache_tag: str, result: CacheResult,
                  bar: tqdm) -> list[str]:
     """Run the backbone on one batch and save each image's valid-token features; returns the saved paths."""
     feats = model.features(model.to_device_batch(collate([s for _, s in batch])))  # (B, S, D)

@@ -1,11 +1,12 @@
-"""Training one new tag on top of frozen JTP-3: split, head, loop, checkpoints (workspace and feature cache:
-hydra/features.py).
+"""Training one new tag on top of a frozen model: split, loop, checkpoints (workspace and feature cache:
+hydra/train/features.py; the trainable heads: hydra/train/heads.py).
 
-What `train_extension.py` and `build_extension.py` run (spec §7, §8.1). A new tag is one query per
-attention head `q` (H, 1, E) and one output matrix `out_proj.weight` (1, A, 2); everything else (the
-backbone and the shared kv / ff weights of the Hydra head) is frozen. Because the backbone is frozen, its
-final-LayerNorm token features are computed once per image and cached in bf16 next to the image; an epoch
-then only runs the head.
+What `train_extension.py` and `build_extension.py` run (spec §7, §8.1). A new tag is its own slices of the
+per-tag parameters (JTP-3: `q` (H, 1, E) and `out_proj.weight` (1, A, 2); Hydra 3.5: `attn_pool.q`
+(H, 1, E) and `head.weight` (1, A)); everything else (the backbone and the pool's shared weights) is
+frozen. Because the backbone is frozen, its final-LayerNorm token features are computed once per image and
+cached in bf16 next to the image; an epoch then only runs the head. The loop works with any head that has
+the interface of hydra/train/heads.py (`named_trainable`, `checkpoint_state`, `load_checkpoint_state`).
 
 Deliberate differences from upstream (see README):
 - Padding tokens are masked in training and validation exactly as at inference (upstream's mask came out
@@ -13,6 +14,8 @@ Deliberate differences from upstream (see README):
   to its longest member, not to 1024 tokens: same numbers, less work.
 - Checkpoint names are valid on Windows (`%Y%m%d-%H%M%S_e{epoch}.pt`) and `-c k` saves every k epochs.
 - Checkpoints load with `torch.load(weights_only=True)`; the Python RNG state is a tuple of ints.
+- Checkpoints written by train_extension.py also record the model family, the base model's title and its
+  label count (`checkpoint_info`); upstream's, which lack them, are JTP-3 checkpoints.
 - CPU training works: the optimizer has a plain-PyTorch path next to the Triton kernel (hydra/optim.py).
 
 Shape legend: B = images, S = tokens (padded), N = valid tokens of one image, D = backbone width,
@@ -21,8 +24,6 @@ H = attention heads, E = head dim, A = H * E, T = validation thresholds.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 import random
 import signal
@@ -30,7 +31,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -39,12 +40,14 @@ from tqdm import tqdm
 
 from hydra.common import atomic_write, log
 from hydra.models.checkpoint import CheckpointError
-from hydra.models.head import HydraPool
 from hydra.train.features import NEGATIVE, POSITIVE, Item, load_features
-from hydra.train.optim import schedule_free_eval_point
 
-TRAINABLE = ("q", "out_proj.weight")  # names inside attn_pool; optimizer names carry the prefix
-PREFIX = "attn_pool."
+if TYPE_CHECKING:
+    from hydra.models.family import Family, TagModel
+
+# What a checkpoint records about its base model (build_extension.py needs the family and the title).
+KEY_FAMILY, KEY_MODEL_TITLE, KEY_MODEL_LABELS = "family", "model_title", "model_labels"
+UPSTREAM_FAMILY = "jtp3"  # upstream's trainer only trains JTP-3, and its checkpoints name no family
 
 # Sanity checks (spec §7.4), skipped with --force.
 MIN_TRAIN, MIN_VAL, MIN_EFFECTIVE_BATCH = 100, 40, 16
@@ -115,60 +118,6 @@ def collate_features(features: Sequence[Tensor], device: torch.device | str,
 
 
 # ---------------------------------------------------------------------------------------------------
-# The trainable head (spec §7.5)
-
-
-def make_train_head(base: HydraPool, init_index: int | None = None,
-                    generator: torch.Generator | None = None) -> HydraPool:
-    """A one-tag HydraPool sharing `base`'s frozen kv / ff weights, with new trainable q and out_proj.
-
-    Fresh: q ~ N(0, 1) (H, 1, E) and out_proj.weight (1, A, 2) ~ U(+-1/sqrt(A)), which is nn.Linear's
-    Kaiming-uniform init with a = sqrt(5). With `init_index`, both are copied from that tag of `base`.
-    q passes through RMSNorm on every forward (`q_normed = False`), as upstream trains it.
-    """
-    cfg = dataclasses.replace(base.cfg, n_tags=1)
-    w = base.kv.weight
-    head = HydraPool(cfg, device="meta", dtype=w.dtype)
-    head.kv, head.ff_norm, head.ff_in, head.ff_out = base.kv, base.ff_norm, base.ff_in, base.ff_out
-    for module in (head.kv, head.ff_norm, head.ff_in, head.ff_out):
-        module.requires_grad_(False)
-    if init_index is None:
-        q = torch.randn(cfg.n_heads, 1, cfg.head_dim, generator=generator)  # (H, 1, E)
-        bound = 1.0 / math.sqrt(cfg.attn_dim)
-        out = torch.rand(1, cfg.attn_dim, 2, generator=generator) * (2 * bound) - bound  # (1, A, 2)
-    else:
-        q = base.q.detach()[:, init_index:init_index + 1].clone()  # (H, 1, E)
-        out = base.out_proj.weight.detach()[init_index:init_index + 1].clone()  # (1, A, 2)
-    head.q = nn.Parameter(q.to(w.device, w.dtype))
-    head.out_proj.weight = nn.Parameter(out.to(w.device, w.dtype))
-    head.q_normed = False
-    return head
-
-
-def named_trainable(head: HydraPool) -> list[tuple[str, nn.Parameter]]:
-    """(optimizer name, parameter) pairs, named as upstream's checkpoints name them."""
-    return [(PREFIX + "q", head.q), (PREFIX + "out_proj.weight", head.out_proj.weight)]
-
-
-def head_state(head: HydraPool) -> dict[str, Any]:
-    """The checkpoint's `attn_pool` entry: the trainable tensors (and upstream's `_extra_state` flag)."""
-    return {"q": head.q.detach().cpu().clone(), "out_proj.weight": head.out_proj.weight.detach().cpu().clone(),
-            "_extra_state": {"q_normed": False}}
-
-
-def load_head_state(head: HydraPool, state: dict[str, Any], source: str = "checkpoint") -> None:
-    """Copy q and out_proj.weight from a checkpoint's `attn_pool` (frozen copies in it are ignored)."""
-    for name, param in (("q", head.q), ("out_proj.weight", head.out_proj.weight)):
-        if name not in state:
-            raise CheckpointError(f"{source}: attn_pool has no {name!r}")
-        if tuple(state[name].shape) != tuple(param.shape):
-            raise CheckpointError(f"{source}: attn_pool.{name} has shape {tuple(state[name].shape)}, but this "
-                                  f"model needs {tuple(param.shape)}")
-        with torch.no_grad():
-            param.copy_(state[name])
-
-
-# ---------------------------------------------------------------------------------------------------
 # Train and validate (spec §7.5, §7.6)
 
 
@@ -209,14 +158,14 @@ def _chunks(items: Sequence[Item], size: int) -> Iterator[Sequence[Item]]:
         yield items[i:i + size]
 
 
-def _forward(head: HydraPool, chunk: Sequence[Item]) -> tuple[Tensor, Tensor]:
-    w = head.kv.weight
+def _forward(head: nn.Module, chunk: Sequence[Item]) -> tuple[Tensor, Tensor]:
+    w = head.named_trainable()[0][1]  # features go to the device and dtype of the trained parameters
     x, valid = collate_features([load_features(it.cache) for it in chunk], w.device, w.dtype)
     labels = torch.tensor([float(it.label) for it in chunk], device=w.device)  # (B,)
     return head(x, valid).squeeze(-1).float(), labels  # (B,), (B,)
 
 
-def train_epoch(head: HydraPool, optimizer: torch.optim.Optimizer, items: Sequence[Item], *, batch: int,
+def train_epoch(head: nn.Module, optimizer: torch.optim.Optimizer, items: Sequence[Item], *, batch: int,
                 accumulate: int, epoch: int, progress: bool = True) -> float:
     """One pass over `items` (from `epoch_sample`); returns the mean training loss."""
     bar = tqdm(list(_chunks(items, batch)), desc=f"epoch {epoch}", unit="batch", file=sys.stderr,
@@ -238,7 +187,7 @@ def train_epoch(head: HydraPool, optimizer: torch.optim.Optimizer, items: Sequen
 
 
 @torch.no_grad()
-def validate(head: HydraPool, items: Sequence[Item], thresholds: Tensor, batch: int) -> Validation:
+def validate(head: nn.Module, items: Sequence[Item], thresholds: Tensor, batch: int) -> Validation:
     """Loss (summed BCE / N), counts at every threshold, and the best CTI. Call in eval mode."""
     logits, labels = zip(*(_forward(head, chunk) for chunk in _chunks(items, batch)))
     logits, labels = torch.cat(logits).cpu(), torch.cat(labels).cpu()  # (N,), (N,)
@@ -279,14 +228,18 @@ class LoopSettings:
     progress: bool = True
 
 
-def fit(head: HydraPool, optimizer: Any, train: Sequence[Item], val: Sequence[Item], rng: random.Random, *,
+def fit(head: nn.Module, optimizer: Any, train: Sequence[Item], val: Sequence[Item], rng: random.Random, *,
         seed: int, settings: LoopSettings, checkpoint_dir: str, start_epoch: int = 0,
         stop: StopFlag | None = None, on_epoch: Callable[[int, Validation | None], None] | None = None,
-        ) -> list[str]:
+        info: dict[str, Any] | None = None) -> list[str]:
     """The epoch loop: train, validate (prints the EPOCH line), save checkpoints. Returns the saved paths.
 
     A checkpoint is saved every `checkpoint_interval` epochs and after the last one: epoch `max_epochs`,
     or the epoch in which `stop` was requested (first Ctrl-C).
+
+    Args:
+        head: a trainable head from hydra/train/heads.py (forward (B, S, D), (B, S) -> (B, 1) logits).
+        info: extra checkpoint entries (`checkpoint_info`: the base model's family, title, label count).
     """
     stop = stop or StopFlag()
     thresholds = validation_thresholds(settings.thresholds)
@@ -312,7 +265,7 @@ def fit(head: HydraPool, optimizer: Any, train: Sequence[Item], val: Sequence[It
         if last or (k > 0 and epoch % k == 0):
             path = os.path.join(checkpoint_dir, checkpoint_name(epoch))
             save_checkpoint(path, seed=seed, epoch=epoch, rng_state=rng.getstate(), head=head,
-                            optimizer=optimizer, validation=None if result is None else result.counts)
+                            optimizer=optimizer, validation=None if result is None else result.counts, info=info)
             log(f"Saved checkpoint '{path}'.")
             saved.append(path)
         if last:
@@ -320,7 +273,7 @@ def fit(head: HydraPool, optimizer: Any, train: Sequence[Item], val: Sequence[It
 
 
 # ---------------------------------------------------------------------------------------------------
-# Checkpoints (spec §7.7) and turning one into an extension (spec §8.1)
+# Checkpoints (spec §7.7)
 
 
 def checkpoint_name(epoch: int, when: float | None = None) -> str:
@@ -328,12 +281,17 @@ def checkpoint_name(epoch: int, when: float | None = None) -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.localtime(when)) + f"_e{epoch}.pt"
 
 
-def save_checkpoint(path: str, *, seed: int, epoch: int, rng_state: tuple, head: HydraPool,
-                    optimizer: torch.optim.Optimizer, validation: Tensor | None) -> None:
-    """Write a training checkpoint atomically (loadable with `torch.load(weights_only=True)`)."""
+def save_checkpoint(path: str, *, seed: int, epoch: int, rng_state: tuple, head: nn.Module,
+                    optimizer: torch.optim.Optimizer, validation: Tensor | None,
+                    info: dict[str, Any] | None = None) -> None:
+    """Write a training checkpoint atomically (loadable with `torch.load(weights_only=True)`).
+
+    Entries: seed, epoch, rng_state, the head's module states (`head.checkpoint_state()`: `attn_pool`, and
+    `head` for Hydra 3.5), optimizer, validation ((T, 4) int32 or None), then `info` (`checkpoint_info`).
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    ckpt = {"seed": seed, "epoch": epoch, "rng_state": rng_state, "attn_pool": head_state(head),
-            "optimizer": optimizer.state_dict(), "validation": validation}
+    ckpt = {"seed": seed, "epoch": epoch, "rng_state": rng_state, **head.checkpoint_state(),
+            "optimizer": optimizer.state_dict(), "validation": validation, **(info or {})}
     with atomic_write(path, "wb") as f:
         torch.save(ckpt, f)
 
@@ -352,34 +310,28 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     return ckpt
 
 
-def extension_tensors(ckpt: dict[str, Any], say: Callable[[str], None] = log,
-                      ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The weights to ship: q (H, 1, E), out_proj.weight (1, A, 2) and validation (T, 4) or None.
+def checkpoint_info(family: Family, model: TagModel) -> dict[str, Any]:
+    """What a checkpoint records about the model it was trained on: its family name (which builder applies),
+    its `modelspec.title` (v2 extensions must name it) and its label count."""
+    return {KEY_FAMILY: family.name, KEY_MODEL_TITLE: model.title, KEY_MODEL_LABELS: len(model.labels)}
 
-    A checkpoint saved in schedule-free train mode holds y; the weights that were validated are the
-    averaged point x = lerp(y, z, 1 - 1/beta1), reconstructed from the optimizer's z (spec §8.1 step 3).
-    q is returned as trained; `save_extension` RMS-normalises it.
-    """
-    state = dict(ckpt["attn_pool"])
-    opt = ckpt["optimizer"]
-    for group in opt.get("param_groups", []):
-        if not group.get("train_mode"):
-            continue
-        names = group.get("param_names")
-        if names is None:
-            raise CheckpointError("optimizer state has no param_names; cannot match it to attn_pool tensors")
-        for index, name in zip(group["params"], names):
-            z = opt["state"].get(index, {}).get("z")
-            if not name.startswith(PREFIX) or z is None:  # never stepped: y = x = z already
-                continue
-            key = name[len(PREFIX):]
-            state[key] = schedule_free_eval_point(state[key], z, group["beta1"])
-            say(f"Apply optimizer state: {name}")
-    q, out = state.get("q"), state.get("out_proj.weight")
-    if q is None or out is None:
-        raise CheckpointError("checkpoint attn_pool lacks q or out_proj.weight")
-    h, one, e = q.shape
-    if one != 1 or tuple(out.shape) != (1, h * e, 2):
-        raise CheckpointError(f"checkpoint holds q {tuple(q.shape)} and out_proj.weight {tuple(out.shape)}; "
-                              f"expected (H, 1, E) and (1, H*E, 2) for a one-tag extension")
-    return q, out, ckpt.get("validation")
+
+def checkpoint_family(ckpt: dict[str, Any]) -> Family:
+    """The model family a checkpoint was trained for; upstream's checkpoints name none and are JTP-3's."""
+    from hydra.models import get
+
+    name = ckpt.get(KEY_FAMILY, UPSTREAM_FAMILY)
+    try:
+        return get(name)
+    except ValueError as e:
+        raise CheckpointError(f"the checkpoint was trained for {e}") from None
+
+
+def check_resume(ckpt: dict[str, Any], info: dict[str, Any], source: str) -> None:
+    """A checkpoint continues only on the model it was trained on (what it records must match `info`)."""
+    for key, what in ((KEY_FAMILY, "model family"), (KEY_MODEL_TITLE, "model title"),
+                      (KEY_MODEL_LABELS, "label count")):
+        ours = ckpt.get(key, UPSTREAM_FAMILY if key == KEY_FAMILY else info[key])
+        if ours != info[key]:
+            raise ValueError(f"{source} was trained on a model with {what} {ours!r}, but this model has "
+                             f"{info[key]!r}; resume with the model it was trained on (-M)")

@@ -23,8 +23,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torch import Tensor
 
-from hydra.images.naflex import collate, to_black_background, to_srgb, unpatchify
-from hydra.models.jtp3_net import JTP3Model
+from hydra.images.decode import to_srgb
+from hydra.images.naflex import collate, to_black_background, unpatchify
+from hydra.models.naflex import NaFlexTagModel
 
 DISPLAY_MAX_SIDE = 1080      # the original shows images with a longer side downscaled to this
 DESATURATE = 0.33            # blend toward grayscale before the overlay
@@ -32,7 +33,7 @@ MAX_ALPHA = 0.5              # overlay opacity at the peak
 PEAK_TEXT = {"margin": 7, "fill": (32, 32, 255), "size": 24}  # the original's label: anchor "rd"
 
 
-def block_outputs(model: JTP3Model, sample: dict[str, np.ndarray], depth: int) -> list[Tensor]:
+def block_outputs(model: NaFlexTagModel, sample: dict[str, np.ndarray], depth: int) -> list[Tensor]:
     """Raw outputs of the last `depth` blocks for one preprocessed sample (no final norm).
 
     Args:
@@ -52,7 +53,7 @@ def block_outputs(model: JTP3Model, sample: dict[str, np.ndarray], depth: int) -
     return [x[0].detach() for x in out["image_intermediates"]]  # depth x (N, D)
 
 
-def class_activation_map(model: JTP3Model, sample: dict[str, np.ndarray], tag: int, depth: int = 1,
+def class_activation_map(model: NaFlexTagModel, sample: dict[str, np.ndarray], tag: int, depth: int = 1,
                          layers: Sequence[Tensor] | None = None) -> np.ndarray:
     """The multi-layer CAM of one tag for one image.
 
@@ -67,8 +68,8 @@ def class_activation_map(model: JTP3Model, sample: dict[str, np.ndarray], tag: i
     Returns:
         (gh, gw) float32 relevance per patch: positive = evidence for the tag, negative = against.
     """
-    if not 0 <= tag < model.head.n_tags:
-        raise ValueError(f"tag index {tag} is out of range (the model has {model.head.n_tags} tags)")
+    if not 0 <= tag < len(model.labels):
+        raise ValueError(f"tag index {tag} is out of range (the model has {len(model.labels)} tags)")
     if layers is None or len(layers) < depth:
         layers = block_outputs(model, sample, depth)
     index = torch.tensor([tag], device=model.device)
@@ -77,7 +78,7 @@ def class_activation_map(model: JTP3Model, sample: dict[str, np.ndarray], tag: i
     with torch.inference_mode(False), torch.enable_grad():
         for x in layers[len(layers) - depth:]:
             x = x.clone().unsqueeze(0).requires_grad_(True)  # (1, N, D)
-            logit = model.head(x, None, index)  # (1, 1): one unpadded image, so no mask
+            logit = model.head_logits(x, None, index)  # (1, 1): one unpadded image, so no mask
             (grad,) = torch.autograd.grad(logit.sum(), x)  # (1, N, D)
             relevance = (grad * x.sign()).float().sum(-1)[0]  # (N,)
             total = relevance if total is None else total + relevance

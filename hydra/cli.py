@@ -1,0 +1,287 @@
+"""What the scripts share on the command line: flags, their argparse types, the worker rule, and how a parsed
+command line becomes a loaded `Tagger` with its tag settings.
+
+Every script declares the model, device, loader and size flags through the `add_*` functions here, so a flag
+means the same thing (same range, same default, same help) everywhere. `load_run(args)` is the one loading
+policy: it recognises the family, fetches the family's default files on first use, loads tag metadata,
+thresholds and extensions, and asks the family for its defaults (selection, implications, spelling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import TYPE_CHECKING
+
+from hydra.common import log
+from hydra.images.decode import DEFAULT_MAX_PIXELS
+from hydra.models.family import CALIBRATION_CSV, CALIBRATION_EMBEDDED, MAX_SIZE, SEQLEN, Family
+from hydra.models.resources import DEFAULT_CALIBRATION, DEFAULT_METADATA, DEFAULT_MODEL
+from hydra.tags.rules import CATEGORIES, UNKNOWN_CATEGORY, caption_format, category_names
+
+if TYPE_CHECKING:
+    from hydra.tagger import Tagger
+    from hydra.tags.rules import TagMetadata, TagSettings
+
+DTYPE_CHOICES = ("auto", "bf16", "fp32")
+SIZE_CONTROLS = (SEQLEN, MAX_SIZE)  # every family's size control is one of these flags
+DEFAULT_THRESHOLD = "0.5"           # -t without a calibration (symmetric scale: p >= 0.75)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# argparse types
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    n = _int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
+
+
+def natural(text: str) -> int:
+    """argparse type: an integer of at least 0."""
+    n = _int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return n
+
+
+def pixels(text: str) -> int | None:
+    """argparse type of `--max-pixels`: a count with an optional K/M/G suffix (binary); 0 = no limit (None)."""
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:].upper(), 1)
+    try:
+        n = int(float(text[:-1] if scale > 1 else text) * scale)
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"not a pixel count: {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return n or None
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
+def worker_count(requested: int | None, items: int) -> int:
+    """Loader processes for `items` images: `-w` as given (0 = in-process), or one per core when negative or
+    unset, never more than there are images."""
+    if requested is None or requested < 0:
+        requested = (os.process_cpu_count() if hasattr(os, "process_cpu_count") else os.cpu_count()) or 1
+    return max(0, min(requested, items))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flags. `unset=True` makes every default None (False switches too), so a script can tell what was given.
+
+
+def _default(value, unset: bool):
+    return None if unset else value
+
+
+def add_model_flag(group, *, repeat: bool = False, help_extra: str = "") -> None:
+    group.add_argument("-M", "--model", metavar="PATH", action="append" if repeat else None,
+                       help=f"Path to model file; the model family is recognised from it. {help_extra}"
+                            f"(Default: {DEFAULT_MODEL}, downloaded on first use)")
+
+
+def add_device_flags(group, *, unset: bool = False) -> None:
+    group.add_argument("-d", "--device", metavar="TORCH_DEVICE",
+                       help="Torch device. (Default: cuda if available, else cpu)")
+    group.add_argument("--dtype", choices=DTYPE_CHOICES, default=_default("auto", unset),
+                       help="Compute dtype. (Default: auto = bf16 on GPUs and on CPUs with native bf16, else fp32)")
+
+
+def add_metadata_flag(group, *, short: bool = True) -> None:
+    flags = ("-m", "--metadata") if short else ("--metadata",)
+    group.add_argument(*flags, metavar="PATH",
+                       help=f"Path to CSV file with tag metadata (categories, implications). (Default: "
+                            f"{DEFAULT_METADATA} for JTP-3, the model's own data otherwise; '' = none)")
+
+
+def add_extension_flags(group) -> None:
+    group.add_argument("-e", "--extension", metavar="PATH", action="append", default=[],
+                       help="Path to extension. May be specified multiple times. If a directory is specified, all "
+                            "extensions in the specified directory are loaded. (Default: the model's extensions "
+                            "folder, e.g. extensions/jtp-3-hydra)")
+    group.add_argument("-E", "--no-default-extensions", action="store_true", help="Do not load extensions by default.")
+
+
+def add_size_flags(group, *, unset: bool = False) -> None:
+    """`-S` and `--max-size`: each family reads the one its size control names."""
+    for control in SIZE_CONTROLS:
+        group.add_argument(control.flag, *(["--seqlen"] if control is SEQLEN else []), dest=control.name,
+                           metavar="PX" if control is MAX_SIZE else "SEQLEN", type=control.argparse_type,
+                           default=_default(control.default, unset),
+                           help=f"{control.label}: {control.help}, for models that use it (JTP-3: -S; the DINOv3 "
+                                f"tagger: --max-size). (Default: {control.default}; {control.minimum} to "
+                                f"{control.maximum})")
+
+
+def add_dinov3_flags(group, *, unset: bool = False, repeat_vocab: bool = False) -> None:
+    group.add_argument("--vocab", metavar="PATH", action="append" if repeat_vocab else None,
+                       default=[] if repeat_vocab else None,
+                       help="Vocabulary JSON of the DINOv3 tagger. (Default: tagger_vocab_with_categories.json or "
+                            "tagger_vocab.json next to the checkpoint)")
+    group.add_argument("--exif", action="store_true", default=_default(False, unset),
+                       help="DINOv3: apply EXIF orientation (the published script does not; off for parity).")
+    group.add_argument("--white-background", action="store_true", default=_default(False, unset),
+                       help="DINOv3: composite transparency on white (the published script drops alpha; off for "
+                            "parity).")
+
+
+def add_loader_flags(group, *, unset: bool = False, batch_default: int = 1) -> None:
+    group.add_argument("-b", "--batch", metavar="BATCH_SIZE", type=positive_int, default=_default(batch_default, unset),
+                       help=f"Batch size. (Default: {batch_default})")
+    group.add_argument("-w", "--workers", metavar="N_WORKERS", type=int, default=_default(-1, unset),
+                       help="Number of image loader processes. (Default: number of cores; 0 = load in this process)")
+    group.add_argument("--no-shm", action="store_true", default=_default(False, unset),
+                       help="Pass decoded images through pipes instead of shared memory.")
+
+
+def add_max_pixels_flag(group) -> None:
+    group.add_argument("--max-pixels", metavar="N", type=pixels, default=DEFAULT_MAX_PIXELS,
+                       help="Refuse images with more pixels than this, before decoding them; suffixes K, M, G "
+                            f"(Default: {DEFAULT_MAX_PIXELS // 2**20}M; 0 = no limit)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# From a command line to a loaded model
+
+
+def resolve_model(path: str | None) -> tuple[str, Family]:
+    """The model file (the default is fetched on first use) and its family."""
+    from hydra.models import detect
+    from hydra.models.resources import resolve_model as resolve
+
+    model_path = resolve(path)
+    return model_path, detect(model_path)
+
+
+def find_extensions(args: argparse.Namespace, family: Family) -> tuple[str, ...]:
+    """`-e` paths expanded, plus the family's default folder unless `-E` (families without extensions have none)."""
+    from hydra.models.extensions import find_extensions as find
+    from hydra.models.resources import project_path
+
+    default = project_path(family.extension_dir) if family.extension_dir else None
+    use_default = default is not None and not getattr(args, "no_default_extensions", False)
+    return tuple(find(getattr(args, "extension", None) or [], use_default, default_dir=default or ""))
+
+
+def check_family_options(args: argparse.Namespace, family: Family, path: str) -> None:
+    """Family-specific flags given for a model that does not use them: say so instead of ignoring them."""
+    if getattr(args, "vocab", None) and "vocab" not in family.options:
+        raise ValueError(f"--vocab is for the DINOv3 tagger; '{path}' is a {family.title} model")
+
+
+def tagger_from_args(args: argparse.Namespace, model_path: str, family: Family, extensions: tuple[str, ...],
+                     device: str | None = None) -> Tagger:
+    from hydra.tagger import Tagger
+
+    return Tagger(model_path, getattr(args, "vocab", None), device=device or args.device, dtype=args.dtype,
+                  size=getattr(args, family.size.name, None), extensions=extensions,
+                  max_pixels=getattr(args, "max_pixels", DEFAULT_MAX_PIXELS), exif=bool(getattr(args, "exif", False)),
+                  white_background=bool(getattr(args, "white_background", False)))
+
+
+def load_run(args: argparse.Namespace) -> tuple[Tagger, TagSettings]:
+    """The model and the tag settings of a run, from the command line. Logs what it loads to stderr.
+
+    Uses: model (-M), device, dtype, the size flags, extensions (-e/-E), DINOv3's flags, max_pixels,
+    metadata (-m), threshold (-t), metric, implications (-i), exclude (-x/-C), exclude_tag(s), groups (-g/-G),
+    topk, original_tags (-O), aliases (-a/-A), category prefixes (-B), underscores (-u), prompt (-P). Flags a
+    script does not declare take their defaults.
+    """
+    from hydra.calibration.embedded import DEFAULT_METRIC, parse_metric
+    from hydra.models.resources import resolve_metadata
+    from hydra.tags import rewrite as spelling
+    from hydra.tags.rules import TagMetadata, TagSettings, load_metadata, parse_categories, parse_threshold
+
+    flag = lambda name, default=None: getattr(args, name, default) or default  # noqa: E731
+    model_path, family = resolve_model(args.model)
+    check_family_options(args, family, model_path)
+    mode = flag("implications")
+    if mode is not None and mode not in family.implication_modes:
+        raise ValueError(f"implications mode '{mode}' is not one of {family.title}'s: "
+                         f"{' '.join(family.implication_modes)}")
+    if flag("metric") is not None and family.calibration != CALIBRATION_EMBEDDED:
+        raise ValueError(f"--metric chooses thresholds from validation counts inside the model file; "
+                         f"{family.title} models have none (use calibrate.py, -t or a calibration CSV)")
+    metric = parse_metric(flag("metric", DEFAULT_METRIC))
+    rewrite = family.rename(bool(flag("original_tags", False)))
+    metadata: TagMetadata | None = None
+    if metadata_path := resolve_metadata(getattr(args, "metadata", None), family.metadata_file):
+        log(f"Loading '{metadata_path}' ...", end="")
+        metadata = load_metadata(metadata_path, rewrite)
+        log(f" {len(metadata.category)} tags")
+    threshold_arg = flag("threshold")
+    if threshold_arg is None and family.calibration == CALIBRATION_CSV and os.path.isfile(DEFAULT_CALIBRATION):
+        threshold_arg = DEFAULT_CALIBRATION
+    threshold = parse_threshold(threshold_arg or DEFAULT_THRESHOLD, rewrite)
+    if isinstance(threshold, dict):
+        log(f"Loading '{threshold_arg}' ... {len(threshold)} tags")
+    exclude = parse_categories([*flag("exclude", []), *flag("exclude_category", [])])
+    exclude_tags = [rewrite(t) for t in spelling.collect_tags(flag("exclude_tag", []), flag("exclude_tags", []))]
+    groups = spelling.collect_groups(flag("exclusive_group", []), flag("exclusive_groups", []))
+    aliases = {rewrite(k): v for k, v in spelling.collect_aliases(flag("alias", []), flag("aliases", [])).items()}
+    if metadata is not None:  # checked before the model loads when the model cannot change the answer
+        _check_metadata_needs(args, metadata, exclude)
+
+    extensions = find_extensions(args, family)
+    log(f"Loading '{model_path}' ...", end="")
+    tagger = tagger_from_args(args, model_path, family, extensions)
+    log(f" {len(tagger.labels)} tags ({tagger.device}, {tagger.dtype_reason})")
+    labels = [rewrite(t) for t in tagger.labels]
+    if metadata is None and tagger.model.tag_metadata is not None:  # a vocabulary's categories, Hydra 3.5's data
+        own = tagger.model.tag_metadata
+        metadata = TagMetadata({rewrite(t): c for t, c in own.category.items()},
+                               {rewrite(t): tuple(map(rewrite, i)) for t, i in own.implies.items()})
+    _check_metadata_needs(args, metadata, exclude)
+    if threshold_arg is None and family.calibration == CALIBRATION_EMBEDDED:
+        threshold = embedded_calibration(labels, tagger.model.validation, metric)
+        log(f"Calibrating with {metric}: {len(threshold)} of {len(labels)} tags can be output.")
+    for ext in tagger.model.extensions:
+        label = rewrite(ext.label)
+        if metadata is not None:
+            metadata.add(label, CATEGORIES.get(ext.category, UNKNOWN_CATEGORY), (rewrite(t) for t in ext.implies))
+        if not isinstance(threshold, dict) or label in threshold:
+            log(f"Using tag '{label}' ({ext.category}) from extension '{ext.path}'.")
+        else:
+            log(f"Ignoring tag '{label}' from uncalibrated extension '{ext.path}'.")
+    has_implications = metadata is not None and any(metadata.implies.values())
+    mode = mode or (family.default_implications if has_implications else "off")
+    topk = flag("topk")
+    if topk is None and flag("threshold") is None:
+        topk = family.default_topk
+    captions = caption_format(labels, category_names(labels, metadata), family.caption, aliases=aliases,
+                              category_prefixes=dict(flag("category_prefix", [])),
+                              underscores=bool(flag("underscores", False)), prompt=bool(flag("prompt", False)))
+    settings = TagSettings(labels, metadata, rewrite, threshold, mode, exclude, topk, exclude_tags, groups,
+                           family.implications_after_thresholds, captions)
+    settings.rules()  # unknown group tags, bad combinations: one error now rather than per image
+    return tagger, settings
+
+
+def embedded_calibration(labels: list[str], validation, metric) -> dict[str, float]:
+    """{label: threshold} from the model's own validation counts; tags no threshold qualifies for are left
+    out (never output)."""
+    import math
+
+    from hydra.calibration.embedded import embedded_thresholds
+
+    values = embedded_thresholds(validation, metric)
+    return {t: float(v) for t, v in zip(labels, values) if math.isfinite(v)}
+
+
+def _check_metadata_needs(args: argparse.Namespace, metadata: TagMetadata | None, exclude: list[int]) -> None:
+    """Implications need implication data and -x needs categories: say so before any work is done."""
+    mode = getattr(args, "implications", None)
+    if mode not in (None, "off") and not (metadata and any(metadata.implies.values())):
+        raise ValueError(f"implications mode '{mode}' needs tag metadata with implications "
+                         "(-m PATH); this model has none loaded")
+    if exclude and metadata is None:
+        raise ValueError("category exclusion requires tag metadata (-m PATH, or a vocabulary with categories)")
