@@ -2,7 +2,7 @@
 
 The validation data (`data/jtp-3-hydra-val.csv`, ~42 MB) is downloaded from RedRocket/JTP-3 on first use.
 Extensions in `extensions/jtp-3-hydra` are calibrated too, from the counts stored in each file.
-`--from-dataset DIR` counts on your own tagged images instead (see hydra/dataset.py for the rules).
+`--from-dataset DIR` counts on your own tagged images instead (see hydra/calibration/sidecars.py for the rules).
 
     python calibrate.py                                  # CTI, default filters -> calibration.csv
     python calibrate.py -m f0.5 -p 0.3 -o precise.csv    # favour precision
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from hydra import cli
 from hydra.calibration import thresholds as calibration
+from hydra.calibration import validation_csv
 from hydra.cli import positive_int
 from hydra.hub import DownloadError
 from hydra.models import get as get_family
@@ -138,7 +139,7 @@ def read_data(path: str | None, optional: bool = False) -> dict[str, calibration
                 raise FileNotFoundError(str(e)) from None
     elif not os.path.isfile(path):
         raise FileNotFoundError(f"validation data '{path}' not found")
-    return calibration.read_validation_csv(path)
+    return validation_csv.read_validation_csv(path)
 
 
 def load_curves(args: argparse.Namespace, family: Family, model_path: str | None) -> dict[str, calibration.Curve]:
@@ -193,7 +194,7 @@ def dataset_curves(args: argparse.Namespace) -> tuple[dict[str, calibration.Curv
     data, positives = result.curves()
     out = args.data_out or os.path.join(args.from_dataset, "validation.csv")
     with atomic_write(out, "w", newline="") as f:
-        calibration.write_validation_csv(f, data)
+        validation_csv.write_validation_csv(f, data)
     log(f"Wrote '{out}': {len(data)} tags occurring in {len(result.truth.images)} images.")
 
     fallbacks = []

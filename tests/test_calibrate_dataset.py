@@ -1,4 +1,4 @@
-"""calibrate.py --from-dataset and hydra/dataset.py: calibration on your own tagged images.
+"""calibrate.py --from-dataset and hydra/calibration/ (dataset, sidecars, cache): calibration on your own images.
 
 Covers: sidecar forms (.txt in e621 and caption spelling, JSON lists, objects, e621 posts) and tag
 matching; an end-to-end run on a tiny fixture model and generated images whose validation CSV is checked
@@ -21,10 +21,12 @@ import pytest
 from conftest import noise_image
 
 import calibrate
+from hydra.calibration import cache as probability_cache
 from hydra.calibration import dataset
 from hydra.calibration import thresholds as calibration
-from hydra.calibration.dataset import SidecarError, TagMatcher, split_caption, tags_from_json
+from hydra.calibration.sidecars import SidecarError, TagMatcher, split_caption, tags_from_json
 from hydra.calibration.thresholds import Curve
+from hydra.calibration.validation_csv import read_validation_csv
 from hydra.tagger import Tagger
 from hydra.tags.rules import caption_tag, rewrite_tag
 
@@ -129,7 +131,7 @@ def base_args(model, folder):
 
 def cached_probs(folder: Path) -> dict[str, np.ndarray]:
     """image path -> cached probabilities, read straight from the chunk files (later chunks win)."""
-    (cache,) = (folder / dataset.CACHE_DIR).iterdir()
+    (cache,) = (folder / probability_cache.CACHE_DIR).iterdir()
     rows = {}
     for chunk in sorted(cache.glob("*.npz")):
         with np.load(chunk) as z:
@@ -234,8 +236,8 @@ def test_from_dataset_counts_match_a_hand_computation(model, project, capsys):
     assert rows[1:] == expected
 
     # the calibration: the dataset's tags, plus unused_tag from the default data; never_tag omitted
-    curves = calibration.read_validation_csv(str(project / "ds" / "validation.csv"))
-    curves["unused_tag"] = calibration.read_validation_csv(str(project / "data" / "jtp-3-hydra-val.csv"))["unused_tag"]
+    curves = read_validation_csv(str(project / "ds" / "validation.csv"))
+    curves["unused_tag"] = read_validation_csv(str(project / "data" / "jtp-3-hydra-val.csv"))["unused_tag"]
     choices = calibration.select_thresholds(curves)
     assert "unused_tag" in choices and "never_tag" not in choices
     text = "tag,threshold,cti\r\n" + "".join(f"{t},{c.threshold:.4f},{c.score:.4f}\r\n" for t, c in choices.items())
@@ -293,7 +295,7 @@ def test_rerun_uses_the_cache_without_loading_the_model(model, project, capsys, 
     make_dataset(project / "ds", bad_files=False)
     first = run(capsys, *base_args(model, "ds"), "-o", "first.csv")
     assert first[0] == 0, first[2]
-    (cache,) = (project / "ds" / dataset.CACHE_DIR).iterdir()
+    (cache,) = (project / "ds" / probability_cache.CACHE_DIR).iterdir()
     files = {p.name: p.read_bytes() for p in cache.iterdir()}
     assert sorted(files) == ["000001.npz", "model.json"]
 
@@ -308,7 +310,7 @@ def test_rerun_uses_the_cache_without_loading_the_model(model, project, capsys, 
     # another sequence length is another cache
     code, _, err = run(capsys, *base_args(model, "ds"), "-S", "128", "-o", "-")
     assert code == 0 and "0 cached, 24 to compute" in err
-    assert len(list((project / "ds" / dataset.CACHE_DIR).iterdir())) == 2
+    assert len(list((project / "ds" / probability_cache.CACHE_DIR).iterdir())) == 2
 
 
 def test_changed_image_refresh_and_damaged_chunks(model, project, capsys, monkeypatch):
@@ -318,7 +320,7 @@ def test_changed_image_refresh_and_damaged_chunks(model, project, capsys, monkey
     calls = CountCalls(monkeypatch)
     code, _, err = run(capsys, *base_args(model, "ds"), "-o", "-")
     assert code == 0 and "23 cached, 1 to compute" in err and calls.images == 1
-    (cache,) = (project / "ds" / dataset.CACHE_DIR).iterdir()
+    (cache,) = (project / "ds" / probability_cache.CACHE_DIR).iterdir()
     assert sorted(p.name for p in cache.glob("*.npz")) == ["000003.npz"]  # compacted after the run
 
     code, _, err = run(capsys, *base_args(model, "ds"), "-o", "-", "--refresh")
@@ -333,7 +335,7 @@ def test_changed_image_refresh_and_damaged_chunks(model, project, capsys, monkey
                          ids=["crash-with-chunks-on-the-way", "ctrl-c-saves-on-the-way-out"])
 def test_an_interrupted_run_resumes(model, project, capsys, monkeypatch, flush_images, error):
     make_dataset(project / "ds", bad_files=False)
-    monkeypatch.setattr(dataset, "FLUSH_IMAGES", flush_images)
+    monkeypatch.setattr(probability_cache, "FLUSH_IMAGES", flush_images)
     stopper = CountCalls(monkeypatch, fail_on=4, error=error)  # 3 batches done (the first is 1 image), then it stops
     with pytest.raises(error):
         run(capsys, *base_args(model, "ds"), "-o", "-")

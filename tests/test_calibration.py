@@ -1,4 +1,4 @@
-"""Tests for hydra/calibration/thresholds.py: metrics, validation CSV parsing, threshold selection, counting.
+"""Tests for hydra/calibration/thresholds.py and validation_csv.py: metrics, CSV parsing, selection, counting.
 
 Covers: every metric on hand-computed counts (and its zero conventions); line-numbered CSV errors;
 every selection rule on a 3-candidate tag whose winners were worked out by hand; a property test that
@@ -22,7 +22,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hydra.calibration import thresholds as cal
+from hydra.calibration import validation_csv
+from hydra.calibration.grid import VALIDATION_THRESHOLDS, extension_thresholds
 from hydra.calibration.thresholds import Curve
+from hydra.calibration.validation_csv import read_validation_csv, write_validation_csv
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,11 +120,11 @@ def write(tmp_path, text, name="val.csv", encoding="utf-8"):
 def chunks(request, monkeypatch):
     """Parse in one piece, or in 2-row chunks so that tags, blank lines and errors straddle chunk edges."""
     if request.param:
-        monkeypatch.setattr(cal, "_CHUNK_ROWS", request.param)
+        monkeypatch.setattr(validation_csv, "_CHUNK_ROWS", request.param)
 
 
 def test_read_groups_rows_per_tag_sorted_by_threshold(tmp_path, chunks):
-    curves = cal.read_validation_csv(write(tmp_path, GOOD))
+    curves = read_validation_csv(write(tmp_path, GOOD))
     assert list(curves) == ["b", "a"]  # first appearance
     np.testing.assert_array_equal(curves["b"].thresholds, [0.25, 0.5])
     np.testing.assert_array_equal(curves["b"].counts, [[2.5, 3, 2, 3], [1, 2, 3, 4]])  # floats allowed
@@ -130,7 +133,7 @@ def test_read_groups_rows_per_tag_sorted_by_threshold(tmp_path, chunks):
 
 def test_read_accepts_reordered_and_extra_columns_bom_crlf_and_blank_lines(tmp_path, chunks):
     text = "\ufefffn,tn,fp,tp,threshold,tag,note\r\n4,3,2,1,0.5,b,x\r\n\r\n6,5,0,1,0.9,a,\r\n"
-    curves = cal.read_validation_csv(write(tmp_path, text))
+    curves = read_validation_csv(write(tmp_path, text))
     np.testing.assert_array_equal(curves["b"].counts, [[1, 2, 3, 4]])
     np.testing.assert_array_equal(curves["a"].thresholds, [0.9])
 
@@ -154,16 +157,16 @@ def test_read_accepts_reordered_and_extra_columns_bom_crlf_and_blank_lines(tmp_p
 ])
 def test_read_errors_name_the_file_and_line(tmp_path, chunks, text, message):
     with pytest.raises(ValueError, match=message):
-        cal.read_validation_csv(write(tmp_path, text))
+        read_validation_csv(write(tmp_path, text))
 
 
 def test_read_rejects_non_utf8(tmp_path):
     with pytest.raises(ValueError, match="not UTF-8"):
-        cal.read_validation_csv(write(tmp_path, "tag,threshold,tp,fp,tn,fn\nc\xe9,0.5,1,2,3,4\n", encoding="latin-1"))
+        read_validation_csv(write(tmp_path, "tag,threshold,tp,fp,tn,fn\nc\xe9,0.5,1,2,3,4\n", encoding="latin-1"))
 
 
 def test_read_header_only_gives_no_curves(tmp_path):
-    assert cal.read_validation_csv(write(tmp_path, "tag,threshold,tp,fp,tn,fn\n")) == {}
+    assert read_validation_csv(write(tmp_path, "tag,threshold,tp,fp,tn,fn\n")) == {}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -327,8 +330,8 @@ def test_counts_from_scores_matches_brute_force_and_honours_valid():
     probs = np.round(rng.random((40, 5)), 2)  # ties with the 0.01 grid on purpose
     labels = rng.random((40, 5)) < 0.3
     valid = rng.random((40, 5)) < 0.8
-    got = cal.counts_from_scores(probs, labels, cal.VALIDATION_THRESHOLDS, valid)
-    pred = probs[:, :, None] >= cal.VALIDATION_THRESHOLDS  # (N, T, K)
+    got = cal.counts_from_scores(probs, labels, VALIDATION_THRESHOLDS, valid)
+    pred = probs[:, :, None] >= VALIDATION_THRESHOLDS  # (N, T, K)
     y, ok = labels[:, :, None], valid[:, :, None]
     brute = np.stack([(pred & y & ok).sum(0), (pred & ~y & ok).sum(0),
                       (~pred & ~y & ok).sum(0), (~pred & y & ok).sum(0)], -1)  # (T, K, 4)
@@ -336,7 +339,7 @@ def test_counts_from_scores_matches_brute_force_and_honours_valid():
 
 
 def test_validation_grid_is_the_99_point_grid():
-    grid = cal.VALIDATION_THRESHOLDS
+    grid = VALIDATION_THRESHOLDS
     assert len(grid) == 99 and grid[0] == 0.01 and grid[-1] == 0.99
     assert [repr(float(t)) for t in grid[:3]] == ["0.01", "0.02", "0.03"]
     assert grid[6] == float("0.07")
@@ -348,11 +351,11 @@ def test_own_images_round_trip_through_the_validation_csv(tmp_path):
     curves = cal.curves_from_counts(["x", "y", "z"], cal.counts_from_scores(probs, labels))
     path = tmp_path / "own.csv"
     with open(path, "w", newline="", encoding="utf-8") as f:
-        cal.write_validation_csv(f, curves)
+        write_validation_csv(f, curves)
     text = path.read_bytes().decode("utf-8")
     assert text.startswith("tag,threshold,tp,fp,tn,fn\r\nx,0.01,")
     assert text.count("\r\n") == 1 + 3 * 99
-    back = cal.read_validation_csv(str(path))
+    back = read_validation_csv(str(path))
     for tag in curves:
         np.testing.assert_array_equal(back[tag].thresholds, curves[tag].thresholds)
         np.testing.assert_array_equal(back[tag].counts, curves[tag].counts)
@@ -361,7 +364,7 @@ def test_own_images_round_trip_through_the_validation_csv(tmp_path):
 
 def test_write_validation_csv_keeps_fractional_counts():
     buf = io.StringIO(newline="")
-    cal.write_validation_csv(buf, {"t": curve((0.5, 2.5, 3, 4, 1e6))})
+    write_validation_csv(buf, {"t": curve((0.5, 2.5, 3, 4, 1e6))})
     assert buf.getvalue() == "tag,threshold,tp,fp,tn,fn\r\nt,0.5,2.5,3,4,1000000\r\n"
 
 
@@ -375,13 +378,13 @@ def sigmoid(x):
 
 def test_extension_thresholds_are_bf16_rounded_logits():
     # linspace(0, 1, 5)[1:-1] = 0.25, 0.5, 0.75; logit(0.25) = -1.0986 -> bf16 -1.1015625 (= -1 - 13/128)
-    np.testing.assert_allclose(cal.extension_thresholds(3),
+    np.testing.assert_allclose(extension_thresholds(3),
                                [sigmoid(-1.1015625), 0.5, sigmoid(1.1015625)], rtol=0, atol=1e-12)
 
 
 def test_extension_thresholds_match_the_trainer_printouts_in_the_model_card():
     # "thr=" values printed by upstream's train_extension.py (T = 99) in the JTP-3 model card
-    thr = cal.extension_thresholds(99)
+    thr = extension_thresholds(99)
     printed = {45: 0.4501, 48: 0.4800, 55: 0.5499, 8: 0.0804, 9: 0.0901, 10: 0.0995, 11: 0.1097}
     for i, value in printed.items():
         assert f"{thr[i - 1]:.4f}" == f"{value:.4f}", i
@@ -400,7 +403,7 @@ def test_add_extensions_replaces_appends_skips_and_refuses_conflicts():
                                                  ext("z.safetensors", "none", None)], logged.append)
     assert list(out) == ["a", "b", "new"]
     np.testing.assert_array_equal(out["a"].counts, counts)
-    np.testing.assert_allclose(out["a"].thresholds, cal.extension_thresholds(3))
+    np.testing.assert_allclose(out["a"].thresholds, extension_thresholds(3))
     assert out["b"] is A
     assert any("z.safetensors" in m and "no validation" in m for m in logged)
     with pytest.raises(ValueError, match="'x.safetensors' and 'w.safetensors' both define the tag 'a'"):

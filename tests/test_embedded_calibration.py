@@ -18,14 +18,12 @@ from hypothesis import strategies as st
 from hydra.calibration.embedded import (
     DEFAULT_METRIC,
     Metric,
-    bf16_round,
     embedded_thresholds,
-    grid_logits,
     parse_metric,
     scores,
     simple_slider,
-    threshold_grid,
 )
+from hydra.calibration.grid import bf16_round, grid_logits, threshold_grid
 
 GRID_FILE = Path("/work/shared/reference-data/hydra35-thresholds-grid99.txt")  # on the build machine only
 # Upstream's 99 thresholds (float32 values, printed as float64), from the reference grid.

@@ -3,7 +3,7 @@
 A Hydra 3.5 file carries a `validation` tensor (T, n, 4): for every tag and every candidate threshold
 (i + 1) / (n + 1), the confusion counts `[tp, fp, tn, fn]` on RedRocket's validation set. At start-up
 upstream scores every row with a metric chosen by `-m METRIC`, keeps the best row per tag, and uses that
-row's threshold, rounded through a bf16 logit (the grid upstream builds has that rounding baked in).
+row's threshold, rounded through a bf16 logit (`hydra.calibration.grid.threshold_grid`; docs/calibration.md).
 
 Metric syntax (upstream's, exactly): `f` or `csi`, an optional parameter with a decimal point, and an
 optional precision floor `@0.xxx`, e.g. `f1.0@0.1` (the default), `f0.5`, `csi2.0@0.5`, `f`; or
@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+
+from hydra.calibration.grid import threshold_grid
 
 DEFAULT_METRIC = "f1.0@0.1"
 METRIC_SYNTAX = "(f|csi)[PARAMETER][@MIN_PRECISION]"
@@ -77,41 +79,6 @@ def simple_slider(value: float, min_precision: float = 0.1, scale: float = 4.0) 
     value 0.5 is F1; towards 0 recall weighs more (lower thresholds), towards 1 precision does.
     """
     return Metric("f", scale ** (1.0 - 2.0 * value), min_precision)
-
-
-def bf16_round(x: np.ndarray) -> np.ndarray:
-    """Round float32 values to bfloat16 (round to nearest, ties to even) and return them as float32.
-
-    Matches torch's `.bfloat16()` for finite values: bf16 is the top 16 bits of a float32, so adding
-    0x7FFF plus the lowest kept bit and truncating rounds to nearest with ties to even.
-    """
-    bits = np.asarray(x, dtype=np.float32).view(np.uint32)
-    rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) & np.uint32(0xFFFF0000)
-    return rounded.view(np.float32)
-
-
-def grid_logits(n: int) -> np.ndarray:
-    """bf16(logit((i + 1) / (n + 1))) for i < n, as float32: the float32 quotient, float32 logit, bf16 rounding.
-
-    Returns:
-        (n,) float32.
-    """
-    x = np.arange(1, n + 1, dtype=np.float32) / np.float32(n + 1)  # exactly rounded quotients
-    return bf16_round(np.log(x / (np.float32(1) - x)))  # float32 log(x / (1 - x)), as torch.logit
-
-
-def threshold_grid(n: int) -> np.ndarray:
-    """The n candidate thresholds sigmoid(bf16(logit((i + 1) / (n + 1)))), computed in float32.
-
-    exp is rounded once to float32 (computed in float64: the correctly rounded float32 exp), then 1 / (1 + e)
-    in float32. This reproduces all 99 values of upstream's grid; numpy's and torch's vectorised float32
-    exp/sigmoid are each off by an ulp on some of them.
-
-    Returns:
-        (n,) float32, ascending.
-    """
-    e = np.exp(-grid_logits(n).astype(np.float64)).astype(np.float32)
-    return np.float32(1) / (np.float32(1) + e)
 
 
 def scores(counts: np.ndarray, metric: Metric) -> np.ndarray:

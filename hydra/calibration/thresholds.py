@@ -1,46 +1,41 @@
 """Per-tag thresholds from validation confusion counts: the pure core of `calibrate.py`.
 
-The validation data (`data/jtp-3-hydra-val.csv`, spec §4.2) has one row per (tag, threshold) with the
-confusion counts on RedRocket's validation set when a tag is predicted at p >= threshold. For every tag
-we score each candidate threshold with a metric (§5.2), drop candidates that fail the filters, and keep
-the best one (§5.3). Extensions carry the same counts in their `validation` tensor (§5.3, §7.6).
+The validation data (`data/jtp-3-hydra-val.csv`; format in docs/formats.md, read by
+`hydra.calibration.validation_csv`) has one row per (tag, threshold) with the confusion counts on RedRocket's
+validation set when a tag is predicted at p >= threshold. For every tag we score each candidate threshold
+with a metric, drop candidates that fail the filters, and keep the best one (metrics and the selection rule:
+docs/calibration.md). Extensions carry the same counts in their `validation` tensor, taken at the trainer's
+bf16 logit grid (`hydra.calibration.grid`).
 
 `counts_from_scores` + `write_validation_csv` produce that file format from your own scored, labelled
 images, so "calibrate on your own images" is: scores -> counts -> curves -> `select_thresholds`
-(`hydra/dataset.py` does this for a folder of tagged images: `calibrate.py --from-dataset`).
+(`hydra/calibration/dataset.py` does this for a folder of tagged images: `calibrate.py --from-dataset`).
 
-Pure numpy; torch is imported only by `extension_thresholds` and matplotlib only by `plot_curve`.
+Pure numpy; matplotlib is imported only by `plot_curve`.
 Shapes: K = candidate thresholds of one tag, T = tags, N = images.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import gc
-import itertools
 import math
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TextIO
 
 import numpy as np
 
-VALIDATION_COLUMNS = ("tag", "threshold", "tp", "fp", "tn", "fn")
+from hydra.calibration.grid import VALIDATION_THRESHOLDS, extension_thresholds
 
-# calibrate.py defaults (spec §5.1). The odd-looking 0.098 / 0.198 are upstream's values, kept as-is.
+# calibrate.py's defaults, upstream's (docs/calibration.md). The odd-looking 0.098 / 0.198 are upstream's
+# values, kept as-is so that the same command gives the same calibration.
 DEFAULT_METRIC = "cti"
 DEFAULT_MIN_PRECISION = 0.098
 DEFAULT_MIN_RECALL = 0.198
 DEFAULT_EPSILON = -0.0001  # so that after the %.4f rounding, p == the chosen candidate still passes
 
-# The grid we write for our own validation files: 0.01 .. 0.99, the same 99 points the extension
-# trainer uses (linspace(0, 1, 101) without its endpoints) and most likely the upstream CSV's grid (§14 Q3).
-VALIDATION_THRESHOLDS = np.arange(1, 100) / 100  # (99,)
-
 Metric = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-_CHUNK_ROWS = 1 << 16  # CSV rows parsed at a time
 
 
 @dataclass
@@ -62,164 +57,6 @@ class Choice(NamedTuple):
     threshold: float  # the value written: candidate + epsilon, clamped to [0, 1]
     score: float  # the metric at the candidate
     candidate: float  # the validation threshold that won
-
-
-# ---------------------------------------------------------------------------------------------------
-# Reading and writing validation CSVs
-
-
-def read_validation_csv(path: str) -> dict[str, Curve]:
-    """Parse a validation CSV with columns `tag,threshold,tp,fp,tn,fn` (others are ignored).
-
-    Fast enough for the real 42 MB / ~750k-row file (about 2 s): the csv module splits the
-    rows and numpy converts whole columns; rows are only revisited one by one to report an error.
-
-    Args:
-        path: the CSV file (UTF-8, an optional BOM is accepted).
-
-    Returns:
-        tag -> Curve, in order of first appearance; each curve sorted by threshold.
-
-    Raises:
-        ValueError: naming the file and line, for a missing column, a short or long row, an empty
-            tag, a non-numeric value, a threshold outside [0, 1] or a negative or non-finite count.
-    """
-    with _gc_paused():
-        return _read_validation_csv(path)
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    # building ~750k small row lists triggers the cyclic GC over and over; pausing it makes the
-    # parse about 3x faster (measured: ~6 s -> ~2 s on a busy 2-core CPU). Rows hold no cycles.
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _read_validation_csv(path: str) -> dict[str, Curve]:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            columns = _column_indices(path, header)
-            codes: dict[str, int] = {}  # tag -> index, in order of first appearance
-            parts, done = [], 0  # done = non-blank data rows before this chunk
-            # chunks keep the peak memory near 100 MB for the real file (all rows at once: ~500 MB)
-            while chunk := list(itertools.islice(reader, _CHUNK_ROWS)):
-                rows = [row for row in chunk if row]  # blank lines are skipped, as csv.DictReader does
-                if rows:
-                    parts.append(_parse_rows(path, rows, len(header), columns, codes, done))
-                done += len(rows)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-    except csv.Error as e:
-        raise ValueError(f"{path}: malformed CSV: {e}") from None
-    if not parts:
-        return {}
-    tag_idx = np.concatenate([p[0] for p in parts])  # (R,)
-    values = np.concatenate([p[1] for p in parts])  # (R, 5)
-    thresholds, counts = values[:, 0], values[:, 1:]  # (R,), (R, 4)
-    order = np.lexsort((thresholds, tag_idx))
-    starts = np.searchsorted(tag_idx[order], np.arange(len(codes) + 1))
-    return {tag: Curve(thresholds[order[a:b]], counts[order[a:b]])
-            for tag, a, b in zip(codes, starts[:-1], starts[1:], strict=True)}
-
-
-def _column_indices(path: str, header: list[str] | None) -> list[int]:
-    if header is None:
-        raise ValueError(f"{path}: the file is empty; expected the header {','.join(VALIDATION_COLUMNS)}")
-    names = [name.strip() for name in header]
-    missing = [c for c in VALIDATION_COLUMNS if c not in names]
-    if missing:
-        raise ValueError(f"{path}:1: missing column {', '.join(missing)} "
-                         f"(the header must have {','.join(VALIDATION_COLUMNS)})")
-    return [names.index(c) for c in VALIDATION_COLUMNS]
-
-
-def _parse_rows(
-    path: str, rows: list[list[str]], n_fields: int, columns: list[int], codes: dict[str, int], first: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Tag indices (n,) and values (n, 5) of some rows; `first` = index of rows[0] among all data rows."""
-    if len(set(map(len, rows)) - {n_fields}):
-        bad = next(i for i, row in enumerate(rows) if len(row) != n_fields)
-        raise ValueError(f"{_where(path, first + bad)}: expected {n_fields} fields like the header, "
-                         f"got {len(rows[bad])}")
-    fields = list(zip(*rows, strict=True))
-    tags = fields[columns[0]]
-    for tag in dict.fromkeys(tags):
-        codes.setdefault(tag, len(codes))
-    if "" in codes:
-        raise ValueError(f"{_where(path, first + tags.index(''))}: empty tag")
-    values = np.stack([_floats(path, fields[i], name, first)
-                       for i, name in zip(columns[1:], VALIDATION_COLUMNS[1:], strict=True)], 1)  # (n, 5)
-    _check_values(path, values[:, 0], values[:, 1:], first)
-    return np.fromiter(map(codes.__getitem__, tags), np.int64, len(tags)), values
-
-
-def _floats(path: str, column: Sequence[str], name: str, first: int) -> np.ndarray:
-    try:
-        return np.array(column, dtype=np.float64)
-    except ValueError:
-        bad = next(i for i, text in enumerate(column) if not _is_float(text))
-        raise ValueError(f"{_where(path, first + bad)}: {name} {column[bad]!r} is not a number") from None
-
-
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _check_values(path: str, thresholds: np.ndarray, counts: np.ndarray, first: int) -> None:
-    bad_thr = ~((thresholds >= 0) & (thresholds <= 1))  # also catches NaN
-    if bad_thr.any():
-        i = int(np.argmax(bad_thr))
-        raise ValueError(f"{_where(path, first + i)}: threshold {float(thresholds[i])} is outside [0, 1]")
-    # the metrics divide by sums of counts and take 0 when the numerator is 0; that is only sound
-    # for counts >= 0, so reject the rest here rather than calibrate on garbage
-    bad_count = ~(np.isfinite(counts) & (counts >= 0)).all(1)
-    if bad_count.any():
-        i = int(np.argmax(bad_count))
-        got = ", ".join(f"{c}={v!r}" for c, v in zip(VALIDATION_COLUMNS[2:], counts[i].tolist(), strict=True))
-        raise ValueError(f"{_where(path, first + i)}: counts must be finite and >= 0, got {got}")
-
-
-def _where(path: str, row: int) -> str:
-    """`path:line` of the data row with this index (0 = first non-blank row after the header)."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        next(reader)
-        seen = -1
-        for record in reader:
-            seen += bool(record)
-            if seen == row:
-                return f"{path}:{reader.line_num}"
-    return path  # unreachable for a row index we got from the same file
-
-
-def write_validation_csv(file: TextIO, curves: Mapping[str, Curve]) -> None:
-    """Write curves in the validation CSV format that `read_validation_csv` reads.
-
-    Args:
-        file: a text file opened with `newline=""` (csv default dialect: CRLF rows).
-        curves: tag -> Curve; written in the mapping's order, each curve in threshold order.
-    """
-    writer = csv.writer(file)
-    writer.writerow(VALIDATION_COLUMNS)
-    for tag, curve in curves.items():
-        for thr, counts in zip(curve.thresholds.tolist(), curve.counts.tolist(), strict=True):
-            writer.writerow([tag, repr(float(thr)), *map(_count_text, counts)])
-
-
-def _count_text(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -277,7 +114,8 @@ def curves_from_counts(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Metrics (spec §5.2). Each takes tp, fp, tn, fn arrays of one shape and returns scores of that shape.
+# Metrics (definitions and their 0/0 conventions: docs/calibration.md). Each takes tp, fp, tn, fn arrays of one
+# shape and returns scores of that shape.
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -325,6 +163,14 @@ def custom_metric(tp: np.ndarray, fp: np.ndarray, tn: np.ndarray, fn: np.ndarray
                               "in custom_metric() in hydra/calibration/thresholds.py")
 
 
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 METRIC_CHOICES = ("cti (or ts, csi), csi<w> (CSI with false positives weighted w), j (or bmi), p4, f<beta> such "
                   "as f1, f0.5 or f2 (f alone = f1), custom; any of them with @P for a precision floor P")
 
@@ -354,7 +200,7 @@ def get_metric(name: str) -> Metric:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Selection (spec §5.3)
+# Selection (upstream calibrate.py's rule; docs/calibration.md)
 
 
 def split_floor(metric: str) -> tuple[str, float | None]:
@@ -465,22 +311,7 @@ def write_calibration(file: TextIO, choices: Mapping[str, Choice], metric: str) 
 
 
 # ---------------------------------------------------------------------------------------------------
-# Extensions (spec §5.3, Gen-B)
-
-
-def extension_thresholds(n: int) -> np.ndarray:
-    """The probabilities behind an extension's `validation` rows: sigmoid(bf16(logit(i / (n + 1)))), i = 1..n.
-
-    The trainer compares logits with bf16-rounded logit thresholds (spec §7.6); we replay its float32
-    linspace -> logit -> bf16 steps in torch so the thresholds match bit for bit.
-
-    Returns:
-        (n,) float64, ascending.
-    """
-    import torch
-
-    logits = torch.logit(torch.linspace(0, 1, n + 2)[1:-1]).to(torch.bfloat16)  # (n,)
-    return torch.sigmoid(logits.double()).numpy()
+# Extensions: an extension's label replaces any CSV entry of that tag (docs/calibration.md)
 
 
 def extension_curve(validation: Any) -> Curve:
