@@ -21,6 +21,7 @@ from hydra.common import log
 from hydra.models.checkpoint import CheckpointError
 from hydra.models.family import Family
 from hydra.models.resources import project_path
+from hydra.tags.names import check_tag_name
 from hydra.tags.rules import CATEGORIES
 from hydra.train import loop as training
 from hydra.train.export import DESCRIPTION  # noqa: F401  (the v1 description, importable here as before)
@@ -53,9 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     for what, tag in [("TAG", args.tag), *(("-i", t) for t in args.implies), *(("-I", t) for t in args.implied_by)]:
-        if not tag or any(c in tag for c in " \\\t\r\n"):
-            raise ValueError(f"{what} {tag!r}: a tag must be non-empty and contain no space, backslash, tab or "
-                             "line break (use e621 spelling with underscores)")
+        check_tag_name(tag, what)  # the rule the trainer and both loaders apply, too
     if args.file_name is None:
         args.file_name = args.tag.replace("/", "_").replace(".", "_")
     if not args.file_name or any(c in args.file_name for c in "/\\."):

@@ -5,7 +5,8 @@ bf16 / int32) and the metadata keys; the schedule-free averaged weights rebuilt 
 that the built extension gives at inference exactly the validation counts of its checkpoint (the q-scale
 decision); that an upstream-style file (unit-L2 q plus frozen head copies) loads and behaves the same;
 the output folder rules (default created only when defaulted, FileExistsError without --replace) and the
-checks on TAG, implications and FILE_NAME. Checkpoints are trained for two epochs on random features.
+checks on TAG, implications and FILE_NAME (the tag-name rule itself: tests/test_tag_names.py). Checkpoints
+are trained for two epochs on random features.
 
 Run: venv/bin/python -m pytest tests/test_build_extension.py -q
 """
@@ -196,11 +197,24 @@ def test_output_folder_rules(tmp_path, trained, capsys, monkeypatch):
 
 @pytest.mark.parametrize("argv", [
     ["bad tag", "general"], ["", "general"], ["a\\b", "general"], ["ok", "general", "-i", "two words"],
-    ["ok", "general", "-i", ""], ["ok", "general", "f.x"], ["ok", "general", "a/b"],
+    ["ok", "general", "-i", ""], ["ok", "general", "f.x"], ["ok", "general", "a/b"], ["a\tb", "general"],
+    ["ok", "general", "-I", "a\xa0b"],
 ])
 def test_invalid_tags_and_file_names_are_refused(tmp_path, trained, capsys, argv):
     code, err = run(capsys, "-o", tmp_path, trained[0], *argv)
     assert code == 2 and "error:" in err and not list(tmp_path.iterdir())
+
+
+def test_a_refused_tag_is_named_with_the_reason_and_the_underscore_spelling(tmp_path, trained, capsys):
+    code, err = run(capsys, "-o", tmp_path, trained[0], "my tag", "general")
+    assert code == 2 and "error: TAG 'my tag': it contains a space (" in err and "e621 spelling: 'my_tag')" in err
+
+
+def test_unicode_tag_with_parentheses_and_colon_builds_and_loads(tmp_path, trained, capsys):
+    code, err = run(capsys, "-o", tmp_path, "-i", "16:9", trained[0], "pokémon_(species)", "species")
+    assert code == 0, err
+    ext = read_extension(tmp_path / "pokémon_(species).safetensors")
+    assert (ext.label, ext.category, ext.implies) == ("pokémon_(species)", "species", ["16:9"])
 
 
 def test_checkpoint_without_validation_warns_and_writes_none(tmp_path, trained, capsys):

@@ -1,5 +1,5 @@
-"""Extensions (spec §6): discovery, validation, appending new tags, replacing existing ones (the intended
-behaviour, not upstream's bug), conflicts, and the q scale of upstream-built files.
+"""Extensions (docs/formats.md, extensions): discovery, validation, appending new tags, replacing existing
+ones (the intended behaviour, not upstream's bug), conflicts, and the q scale of upstream-built files.
 
     venv/bin/python -m pytest tests/test_extensions.py -q
 """
@@ -108,6 +108,15 @@ def test_errors(small_model, tmp_path):
         read_extension(tmp_path / "val.safetensors")
     with pytest.raises(FileNotFoundError):
         find_extensions([tmp_path / "nope"], use_default=False)
+
+
+def test_a_label_outside_the_tag_rule_is_refused_naming_the_file(tmp_path):
+    tensors = load_file(write_extension(tmp_path / "ok.safetensors", "ok"))
+    save_file(tensors, tmp_path / "tab.safetensors",
+              metadata={"modelspec.implementation": "redrocket.extension.label.v1", "classifier.label": "a\tb"})
+    message = r"tab\.safetensors: metadata classifier\.label 'a\\tb': it contains a tab"
+    with pytest.raises(ExtensionError, match=message):
+        read_extension(tmp_path / "tab.safetensors")
 
 
 def test_metadata_fields_and_validation_are_read(tmp_path):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from hydra.models.checkpoint import ARCHITECTURE, KEY_ARCHITECTURE, CheckpointError, load_tensors, save_safetensors
+from hydra.tags.names import check_tag_name
 
 if TYPE_CHECKING:
     import torch
@@ -75,6 +76,14 @@ def find_extensions(paths: Sequence[str | os.PathLike] | None = None, use_defaul
     return list(dict.fromkeys(found))
 
 
+def check_label(path: str | os.PathLike, meta: dict[str, str]) -> str:
+    """The file's `classifier.label`, if it is a valid tag name (hydra/tags/names.py; v1 and v2 files)."""
+    try:
+        return check_tag_name(meta.get(KEY_LABEL, ""), f"metadata {KEY_LABEL}")
+    except ValueError as e:
+        raise ExtensionError(f"{path}: {e}") from None
+
+
 def read_extension(path: str | os.PathLike) -> Extension:
     """Read and validate one extension file (shapes are checked against the model when merging)."""
     tensors, meta = load_tensors(path)
@@ -83,9 +92,7 @@ def read_extension(path: str | os.PathLike) -> Extension:
         raise ExtensionError(f"{path}: missing SAI modelspec metadata ({KEY_IMPLEMENTATION})")
     if impl != IMPLEMENTATION:
         raise ExtensionError(f"{path}: unrecognized implementation {impl!r} (expected {IMPLEMENTATION!r})")
-    label = meta.get(KEY_LABEL, "")
-    if not label or any(c in label for c in " \\\t\r\n"):
-        raise ExtensionError(f"{path}: metadata {KEY_LABEL} must be a non-empty tag without spaces")
+    label = check_label(path, meta)
     for name in ("q", "out_proj.weight"):
         if name not in tensors:
             raise ExtensionError(f"{path}: missing tensor {name!r}")

@@ -33,6 +33,7 @@ from hydra.models.extensions import (
     KEY_LABEL,
     Extension,
     ExtensionError,
+    check_label,
     find_extensions,
 )
 from hydra.models.hydra35_net import ARCHITECTURE, KEY_TITLE, KEY_VALIDATION, Hydra35Model
@@ -84,9 +85,7 @@ def read_extension_v2(path: str | os.PathLike) -> ExtensionV2:
         raise ExtensionError(f"{path}: a JTP-3 (v1) extension; Hydra 3.5 needs v2 ({IMPLEMENTATION!r})")
     if impl != IMPLEMENTATION:
         raise ExtensionError(f"{path}: unrecognized implementation {impl!r} (expected {IMPLEMENTATION!r})")
-    label = meta.get(KEY_LABEL, "")
-    if not label or any(c.isspace() for c in label):
-        raise ExtensionError(f"{path}: metadata {KEY_LABEL} must be a non-empty tag without whitespace")
+    label = check_label(path, meta)
     model = meta.get(KEY_MODEL)
     if not model:
         raise ExtensionError(f"{path}: missing metadata {KEY_MODEL!r} (the title of the model it extends)")

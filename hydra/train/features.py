@@ -27,6 +27,7 @@ from hydra.bulk.run import report
 from hydra.images.naflex import DEFAULT_SEQLEN, JTP3Preprocess, collate
 from hydra.models.checkpoint import CheckpointError, load_tensors, save_safetensors
 from hydra.models.naflex import NaFlexTagModel
+from hydra.tags.names import check_tag_name
 
 POSITIVE, NEGATIVE = "positive", "negative"
 CACHE_DIR = "_cache"
@@ -38,10 +39,14 @@ SKIPPED_SUFFIXES = (".txt", ".csv")  # captions and notes next to the images are
 
 
 def check_tag(tag: str) -> str:
-    """A tag for training must be non-empty and have no backslash or line break."""
-    if not tag or any(c in tag for c in "\\\r\n"):
-        raise ValueError(f"invalid tag {tag!r}: it must be non-empty and contain no backslash or line break")
-    return tag
+    """The tag's e621 spelling, if build_extension.py will accept it (hydra/tags/names.py), else ValueError.
+
+    Spaces are read as underscores, as upstream's trainer does for the folder name (`my tag` trains
+    `train/my_tag`): the checkpoint does not record the tag, so what matters is that `my_tag` can be built.
+    Anything the builder refuses for another reason is refused here with the builder's message, before hours
+    of training rather than after.
+    """
+    return check_tag_name(tag.replace(" ", "_"), "TAG")
 
 
 def tag_dir_name(tag: str) -> str:
