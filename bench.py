@@ -5,9 +5,14 @@ Examples:
     python bench.py --seqlen 1024 --batch-size 1 4 # one sequence length
     python bench.py --quick                        # seqlen 256 and a quarter of the images: a first look
     python bench.py --tiny --images 3 --seqlen 64  # smoke run on a tiny random model (the test suite does this)
+    python bench.py --family jtp3 hydra35 --quick  # JTP-3 and Hydra 3.5 side by side
+    python bench.py --family hydra35 --tiny --images 2 --seqlen 64 --no-load-probe   # Hydra 3.5 smoke run
 
 Nothing is downloaded. The model is a full-size random-weight file in the exact real format, written once by
-`hydra.testing.jtp3.write_model` into bench-results/ (1 GB); timing does not depend on the weights' values. The
+`hydra.testing.jtp3.write_model` into bench-results/ (1 GB); timing does not depend on the weights' values.
+`--family hydra35` adds Hydra 3.5 rows on a full-size random file in its real layout (`hydra.testing.hydra35`,
+1.06 GB, libvips preprocessing with its real white background and mks2013-linear resize); it has no "naive"
+re-creation of upstream's Hydra 3.5 script, so its rows are "ours" only. The
 images are generated deterministically: a "mixed" folder (pixel counts log-uniform from 96x96 to 4096x4096,
 twelve aspect ratios, JPEG/PNG/WebP, some with alpha) and a "uniform" folder of 4000x3000 JPEGs.
 
@@ -18,10 +23,13 @@ Every measurement is a fresh process, so start-up and peak RSS are honest:
   workers re-import its modules), batch 1, every image padded to `seqlen`, the boolean key mask always passed,
   the Hydra head over all tags in one pass, bf16. Both print the same CSV, so their probabilities are compared.
 - "load" probes load the model alone and report RSS before and the peak after (ours vs the original's way).
+- "stage" probes split ours per family in one process: decode + resize + patchify (the family's own pipeline:
+  Pillow for JTP-3, libvips for Hydra 3.5) per image on one thread, and the model forward on those samples at
+  each batch size, all threads (`--no-stage-probe` skips them).
 
 images/s counts the images after the first result (steady state); "first" is process start to the first row.
-"useful" is the original model's FLOPs on the unpadded images per second, as a fraction of the bf16 matmul
-peak measured here (model FLOPs utilisation); "exec" counts what the mode really computes (naive pads every
+"useful" is the model's own FLOPs (JTP-3's or Hydra 3.5's) on the unpadded images per second, as a fraction of the
+bf16 matmul peak measured here (model FLOPs utilisation); "exec" counts what the mode really computes (naive pads every
 image to `seqlen`) over the same peak. `--repeat N` runs everything N times round-robin and keeps each
 run's best, for shared machines. A table goes to stdout and everything to bench-results/bench-<time>.json.
 """
@@ -46,6 +54,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "bench-results"
 FULL_MODEL = "jtp-3-hydra-random.safetensors"
+FAMILIES = ("jtp3", "hydra35")
+FULL_MODELS = {"jtp3": FULL_MODEL, "hydra35": "hydra-3.5-random.safetensors"}
+HYDRA35_TAGS = 8886  # as the full-size fixture test (tests/test_hydra35_net.py); the published file has about as many
 SEQLENS, BATCH_SIZES = (256, 576, 1024), (1, 4)
 MIXED_IMAGES, UNIFORM_IMAGES = 24, 8
 UNIFORM_SIZE = (4000, 3000)  # W x H: a 12 Mpx photo, 972 tokens at seqlen 1024
@@ -66,8 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{UNIFORM_IMAGES} uniform)")
     g.add_argument("--quick", action="store_true", help="Seqlen 256 and a quarter of the images.")
     g = p.add_argument_group("model")
-    g.add_argument("--model", metavar="PATH", help=f"Model file. (Default: bench-results/{FULL_MODEL}, written "
-                   "on first use by the fixture writer; never a download)")
+    g.add_argument("--family", nargs="+", choices=FAMILIES, default=["jtp3"],
+                   help="Model families: jtp3 (naive and ours), hydra35 (Hydra 3.5: ours only). (Default: jtp3)")
+    g.add_argument("--model", metavar="PATH", help=f"JTP-3 model file. (Default: bench-results/{FULL_MODEL}, "
+                   "written on first use by the fixture writer; never a download)")
+    g.add_argument("--hydra35-model", metavar="PATH", help=f"Hydra 3.5 model file. (Default: bench-results/"
+                   f"{FULL_MODELS['hydra35']}, written on first use like the JTP-3 one)")
     g.add_argument("--tiny", action="store_true", help="Use a tiny random model instead (smoke runs).")
     g = p.add_argument_group("execution")
     g.add_argument("--device", nargs="+", help="Torch devices. (Default: cpu, plus cuda when available)")
@@ -78,13 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="Dtype for ours. "
                    "(Default: auto; naive is always bf16, as the original)")
     g.add_argument("--no-load-probe", action="store_true", help="Skip the model-loading memory probes.")
+    g.add_argument("--no-stage-probe", action="store_true",
+                   help="Skip the per-stage probes (preprocessing alone, forward alone).")
     g.add_argument("--repeat", type=int, default=1, help="Run everything this many times, round-robin, and keep "
                    "each run's best (for shared, noisy machines). (Default: 1)")
     g.add_argument("--timeout", type=float, default=3600, help="Seconds one run may take. (Default: 3600)")
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="DIR", default=str(RESULTS),
                    help="Folder for the JSON, the generated images and model. (Default: bench-results/)")
-    p.add_argument("--child", choices=("naive", "load-ours", "load-naive"), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=("naive", "load-ours", "load-naive", "stages"), help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     return p
 
@@ -92,17 +109,30 @@ def build_parser() -> argparse.ArgumentParser:
 # -- inputs: the model file, the image folders, the FLOP count --------------------------------------------
 
 
-def prepare_model(args: argparse.Namespace, out: Path) -> str:
-    if args.model:
-        return args.model
-    from hydra.testing.jtp3 import write_model
+def prepare_model(args: argparse.Namespace, out: Path, family: str = "jtp3") -> str:
+    given = args.model if family == "jtp3" else getattr(args, "hydra35_model", None)
+    if given:
+        return given
+    tiny = "tiny.safetensors" if family == "jtp3" else f"tiny-{family}.safetensors"
+    path = out / (tiny if args.tiny else FULL_MODELS[family])
+    if path.is_file():
+        return str(path)
+    print(f"Writing a random-weight model to {path} ...", file=sys.stderr, flush=True)
+    if family == "hydra35":
+        from hydra.testing.hydra35 import write_hydra35_model
 
-    path = out / ("tiny.safetensors" if args.tiny else FULL_MODEL)
-    if not path.is_file():
-        tags = [line.split(",", 1)[0] for line in (ROOT / "data" / "jtp-3-hydra-tags.csv").read_text().splitlines()[1:]]
-        print(f"Writing a random-weight model to {path} ...", file=sys.stderr, flush=True)
-        write_model(path, tags, full_size=not args.tiny)
+        # the published file's image settings (docs/formats.md): they decide how much work libvips does
+        labels = _jtp3_tags() if args.tiny else [f"tag_{i:04d}" for i in range(HYDRA35_TAGS)]  # tiny: as JTP-3's
+        write_hydra35_model(path, labels, full_size=not args.tiny, background="white", resize="mks2013-linear")
+    else:
+        from hydra.testing.jtp3 import write_model
+
+        write_model(path, _jtp3_tags(), full_size=not args.tiny)
     return str(path)
+
+
+def _jtp3_tags() -> list[str]:
+    return [line.split(",", 1)[0] for line in (ROOT / "data" / "jtp-3-hydra-tags.csv").read_text().splitlines()[1:]]
 
 
 def image_sizes(folder: str, n: int, seed: int = 0) -> list[tuple[int, int, str, str]]:
@@ -142,16 +172,24 @@ def model_dims(path: str) -> dict[str, int]:
     with safe_open(path, "pt") as f:
         shape = {k: f.get_slice(k).get_shape() for k in f.keys()}
     heads, tags, head_dim = shape["attn_pool.q"]
-    return {"width": shape["embeds.proj.weight"][0], "patch": shape["embeds.proj.weight"][1],
+    dims = {"width": shape["embeds.proj.weight"][0], "patch": shape["embeds.proj.weight"][1],
             "depth": sum(k.endswith(".attn.qkv.weight") for k in shape), "mlp": shape["blocks.0.mlp.fc1.weight"][0],
-            "tags": tags, "attn": heads * head_dim, "ff": shape["attn_pool.ff_in.weight"][0] // 2}
+            "tags": tags, "attn": heads * head_dim}
+    if "attn_pool.ff.proj_in.weight" in shape:  # Hydra 3.5's pool: SpGLU feed-forwards and mid-blocks
+        return {**dims, "ff": shape["attn_pool.ff.proj_in.weight"][0] // 2,
+                "mid_blocks": sum(k.endswith(".q_proj.weight") for k in shape)}
+    return {**dims, "ff": shape["attn_pool.ff_in.weight"][0] // 2}
 
 
 def image_flops(n: int, m: dict[str, int]) -> float:
-    """Model FLOPs (multiply-add = 2) for one image of `n` tokens."""
-    d, a, t = m["width"], m["attn"], m["tags"]
+    """Model FLOPs (multiply-add = 2) for one image of `n` tokens (JTP-3, or Hydra 3.5 when `m` has mid-blocks)."""
+    d, a, t, f = m["width"], m["attn"], m["tags"], m["ff"]
     backbone = 2 * n * m["patch"] * d + m["depth"] * (2 * n * d * (4 * d + 2 * m["mlp"]) + 4 * n * n * d)
-    head = 2 * n * d * 2 * a + 4 * t * n * a + 2 * t * a * 3 * m["ff"] + 4 * t * a
+    if "mid_blocks" in m:  # hydra35.md "Cost": per block a cross-attention and a feed-forward; q/o projections
+        blocks = 1 + m["mid_blocks"]
+        head = 2 * n * d * 2 * a + blocks * (4 * t * n * a + 6 * t * a * f) + m["mid_blocks"] * 4 * t * a * a
+        return float(backbone + head + 2 * t * a)
+    head = 2 * n * d * 2 * a + 4 * t * n * a + 2 * t * a * 3 * f + 4 * t * a
     return float(backbone + head)
 
 
@@ -215,6 +253,7 @@ class Run:
     batch: int
     workers: int | None
     dtype: str
+    family: str = "jtp3"
     images: int = 0
     images_per_s: float = math.nan
     first_result_s: float = math.nan
@@ -255,6 +294,8 @@ def execute(cmd: list[str], timeout: float, cwd: Path) -> tuple[list[tuple[float
     for line in proc.stdout:
         t = time.perf_counter() - start
         fields = next(csv.reader([line.decode()]))
+        if not rows and fields[0] == "filename":  # Hydra 3.5 prints the CSV header on stdout too (as upstream)
+            continue
         rows.append((t, fields[0], [float(x) for x in fields[1:]]))
     if hasattr(os, "wait4"):
         _, status, usage = os.wait4(proc.pid, 0)
@@ -381,6 +422,10 @@ def load_child(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.child == "load-naive":
         model = load_like_original(args.model, args.device[0])
+    elif _is_hydra35(args.model):
+        from hydra.models.hydra35_net import load_hydra35
+
+        model = load_hydra35(args.model, args.device[0], choose_dtype(args.device[0], args.dtype)[0])
     else:
         model = load_jtp3(args.model, args.device[0], choose_dtype(args.device[0], args.dtype)[0])
     seconds = time.perf_counter() - start
@@ -388,6 +433,46 @@ def load_child(args: argparse.Namespace) -> int:
     print(json.dumps({"load_s": seconds, "rss_before_gb": before / 2**20, "peak_rss_gb": _status_kib("VmHWM") / 2**20,
                       "weights_gb": weights / 2**30, "dtype": str(model.dtype).removeprefix("torch."),
                       "torch_threads": torch.get_num_threads()}))
+    return 0
+
+
+def _is_hydra35(path: str) -> bool:
+    from hydra.models.checkpoint import HYDRA35_ARCHITECTURE, KEY_ARCHITECTURE, read_metadata
+
+    return read_metadata(path).get(KEY_ARCHITECTURE) == HYDRA35_ARCHITECTURE
+
+
+def stages_child(args: argparse.Namespace) -> int:
+    """Print (JSON) the family's preprocessing per image on one thread, and the forward alone at each batch size
+    on all threads: samples in file order, one warm-up batch, then every batch timed."""
+    os.environ["VIPS_CONCURRENCY"] = "1"  # as in the loader workers (libvips reads it at import)
+    import torch
+
+    from hydra.bulk.run import iter_images
+    from hydra.tagger import Tagger
+
+    tagger = Tagger(args.model, device=args.device[0], dtype=args.dtype, size=args.seqlen[0])
+    paths = list(iter_images([args.folder]))
+    torch.set_num_threads(1)  # preprocessing: what one loader worker does
+    tagger.preprocess(paths[0])  # warm-up (imports, libvips' lookup tables)
+    start = time.perf_counter()
+    samples = [tagger.preprocess(p) for p in paths]
+    prep_s = time.perf_counter() - start
+    torch.set_num_threads(os.cpu_count() or 1)
+    forward = {}
+    for b in args.batch_size:
+        batches = [samples[i:i + b] for i in range(0, len(samples), b)]
+        tagger.predict_samples(batches[0])  # warm-up (first-call allocations, kernel selection)
+        _sync(args.device[0])
+        start = time.perf_counter()
+        for batch in batches:
+            tagger.predict_samples(batch)
+        _sync(args.device[0])
+        forward[str(b)] = len(samples) / (time.perf_counter() - start)
+    print(json.dumps({"preprocess": type(tagger.preprocess).__name__, "images": len(paths),
+                      "preprocess_images_per_s": len(paths) / prep_s, "forward_images_per_s": forward,
+                      "mean_tokens": sum(map(tagger.sample_tokens, samples)) / len(samples),
+                      "dtype": str(tagger.dtype).removeprefix("torch.")}))
     return 0
 
 
@@ -404,14 +489,15 @@ def _status_kib(field: str) -> float:
 
 def plan(args: argparse.Namespace, devices: list[str]) -> list[Run]:
     runs = []
-    for device in devices:
-        for folder in args.folders:
-            for seqlen in args.seqlen:
-                if "naive" in args.modes:
-                    runs.append(Run(device, folder, seqlen, "naive", 1, None, "bf16"))
-                if "ours" in args.modes:
-                    runs += [Run(device, folder, seqlen, "ours", b, w, args.dtype)
-                             for b in args.batch_size for w in (args.workers or [None])]
+    for family in args.family:
+        for device in devices:
+            for folder in args.folders:
+                for seqlen in args.seqlen:
+                    if "naive" in args.modes and family == "jtp3":  # the original's way exists for JTP-3 only
+                        runs.append(Run(device, folder, seqlen, "naive", 1, None, "bf16"))
+                    if "ours" in args.modes:
+                        runs += [Run(device, folder, seqlen, "ours", b, w, args.dtype, family)
+                                 for b in args.batch_size for w in (args.workers or [None])]
     return runs
 
 
@@ -437,10 +523,10 @@ def machine_info(devices: list[str]) -> dict:
 
 
 def print_table(runs: list[Run]) -> None:
-    head = ("device", "folder", "seqlen", "mode", "batch", "workers", "img/s", "x naive", "first s", "x naive",
-            "RSS GB", "useful", "exec")
-    rows = [(r.device, r.folder, r.seqlen, r.mode, r.batch, "-" if r.workers is None else r.workers,
-             f"{r.images_per_s:.3f}", f"{r.speedup:.2f}", f"{r.first_result_s:.1f}", f"{r.first_result_ratio:.2f}",
+    head = ("family", "device", "folder", "seqlen", "mode", "batch", "workers", "img/s", "x naive", "first s",
+            "x naive", "RSS GB", "useful", "exec")
+    rows = [(r.family, r.device, r.folder, r.seqlen, r.mode, r.batch, "-" if r.workers is None else r.workers,
+             f"{r.images_per_s:.3f}", _ratio(r.speedup), f"{r.first_result_s:.1f}", _ratio(r.first_result_ratio),
              "-" if r.peak_rss_gb is None else f"{r.peak_rss_gb:.2f}", f"{100 * r.fraction_of_peak:.0f}%",
              f"{100 * r.executed_fraction_of_peak:.0f}%")
             for r in runs]
@@ -449,12 +535,33 @@ def print_table(runs: list[Run]) -> None:
         print("  ".join(str(x).rjust(w) for x, w in zip(line, widths)))
 
 
+def _ratio(x: float) -> str:
+    return f"{x:.2f}" if math.isfinite(x) else "-"  # "-": no naive run to compare with (Hydra 3.5)
+
+
+def print_stages(stages: list[dict]) -> None:
+    """The per-stage probes: preprocessing alone (one thread) and the forward alone, per batch size."""
+    ok = [p for p in stages if "error" not in p]
+    if not ok:
+        return
+    batches = sorted({int(b) for p in ok for b in p["forward_images_per_s"]})
+    head = ("family", "device", "folder", "seqlen", "preprocess", "prep img/s/core",
+            *(f"forward b{b} img/s" for b in batches), "tokens")
+    rows = [(p["family"], p["device"], p["folder"], p["seqlen"], p["preprocess"], f"{p['preprocess_images_per_s']:.2f}",
+             *(f"{p['forward_images_per_s'].get(str(b), math.nan):.3f}" for b in batches), f"{p['mean_tokens']:.0f}")
+            for p in ok]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    print()
+    for line in [head, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(str(x).rjust(w) for x, w in zip(line, widths)))
+
+
 def compare(runs: list[Run], outputs: dict[int, list]) -> list[dict]:
     """Speed-up columns against the naive run of the same device/folder/seqlen, and probability agreement."""
     checks = []
     for i, r in enumerate(runs):
-        base = next((j for j, n in enumerate(runs) if n.mode == "naive" and (n.device, n.folder, n.seqlen)
-                     == (r.device, r.folder, r.seqlen)), None)
+        base = next((j for j, n in enumerate(runs) if n.mode == "naive" and (n.family, n.device, n.folder, n.seqlen)
+                     == (r.family, r.device, r.folder, r.seqlen)), None)
         if base is None:
             continue
         r.speedup = r.images_per_s / runs[base].images_per_s
@@ -465,19 +572,41 @@ def compare(runs: list[Run], outputs: dict[int, list]) -> list[dict]:
     return checks
 
 
-def load_probes(args: argparse.Namespace, devices: list[str], model: str, out: Path) -> dict:
+def load_probes(args: argparse.Namespace, devices: list[str], models: dict[str, str], out: Path) -> dict:
+    """{"cpu/naive": ..., "cpu/ours": ...} for JTP-3, {"hydra35/cpu/ours": ...} for Hydra 3.5 (no naive)."""
     probes = {}
-    for d in devices:
-        for kind in ("load-naive", "load-ours"):
-            cmd = [sys.executable, str(ROOT / "bench.py"), "--child", kind, "--model", model, "--device", d,
-                   "--dtype", args.dtype]
-            done = subprocess.run(cmd, capture_output=True, text=True, cwd=out, timeout=args.timeout)
-            probes[f"{d}/{kind[5:]}"] = json.loads(done.stdout) if done.returncode == 0 else done.stderr[-500:]
+    for family, model in models.items():
+        for d in devices:
+            for kind in ("load-naive", "load-ours") if family == "jtp3" else ("load-ours",):
+                cmd = [sys.executable, str(ROOT / "bench.py"), "--child", kind, "--model", model, "--device", d,
+                       "--dtype", args.dtype]
+                done = subprocess.run(cmd, capture_output=True, text=True, cwd=out, timeout=args.timeout)
+                key = f"{d}/{kind[5:]}" if family == "jtp3" else f"{family}/{d}/{kind[5:]}"
+                probes[key] = json.loads(done.stdout) if done.returncode == 0 else done.stderr[-500:]
     return probes
 
 
-def run_all(args: argparse.Namespace, runs: list[Run], model: str, folders: dict[str, Path], peaks: dict,
-            out: Path, report: dict) -> tuple[list[Run], dict[int, list]]:
+def stage_probes(args: argparse.Namespace, devices: list[str], models: dict[str, str], folders: dict[str, Path],
+                 out: Path) -> list[dict]:
+    """One `--child stages` process per family, device, folder and sequence length."""
+    probes = []
+    for family, model in models.items():
+        for d in devices:
+            for folder, path in folders.items():
+                for seqlen in args.seqlen:
+                    print(f"[stages] {family} {d} {folder} seqlen {seqlen}", file=sys.stderr, flush=True)
+                    cmd = [sys.executable, str(ROOT / "bench.py"), "--child", "stages", "--model", model,
+                           "--folder", str(path), "--seqlen", str(seqlen), "--device", d, "--dtype", args.dtype,
+                           "--batch-size", *map(str, args.batch_size)]
+                    done = subprocess.run(cmd, capture_output=True, text=True, cwd=out, timeout=args.timeout)
+                    probe = {"family": family, "device": d, "folder": folder, "seqlen": seqlen}
+                    probe.update(json.loads(done.stdout) if done.returncode == 0 else {"error": done.stderr[-500:]})
+                    probes.append(probe)
+    return probes
+
+
+def run_all(args: argparse.Namespace, runs: list[Run], models: dict[str, str], folders: dict[str, Path],
+            peaks: dict, out: Path, report: dict) -> tuple[list[Run], dict[int, list]]:
     """Every run `args.repeat` times, round-robin (so slow phases of a shared machine hit all alike); per run
     the best images/s and the best first-result time are kept."""
     dims, tries, outputs = report["dims"], {}, {}
@@ -485,11 +614,11 @@ def run_all(args: argparse.Namespace, runs: list[Run], model: str, folders: dict
         for i, run in enumerate(runs):
             tokens = folder_tokens(folders[run.folder], run.seqlen)
             report["folders"].setdefault(run.folder, {})[run.seqlen] = sorted(tokens.values())
-            print(f"[{rep * len(runs) + i + 1}/{args.repeat * len(runs)}] {run.mode} {run.device} {run.folder} "
-                  f"seqlen {run.seqlen} batch {run.batch}", file=sys.stderr, flush=True)
+            print(f"[{rep * len(runs) + i + 1}/{args.repeat * len(runs)}] {run.family} {run.mode} {run.device} "
+                  f"{run.folder} seqlen {run.seqlen} batch {run.batch}", file=sys.stderr, flush=True)
             attempt = dataclasses.replace(run)
-            rows, facts = execute(run_command(run, model, folders[run.folder], out), args.timeout, out)
-            measure(attempt, rows, facts, tokens, dims, peaks[run.device]["bf16"])
+            rows, facts = execute(run_command(run, models[run.family], folders[run.folder], out), args.timeout, out)
+            measure(attempt, rows, facts, tokens, dims[run.family], peaks[run.device]["bf16"])
             tries.setdefault(i, []).append(attempt)
             outputs.setdefault(i, rows)
     report["attempts"] = [dataclasses.asdict(a) for t in tries.values() for a in t]
@@ -510,6 +639,8 @@ def best_of(attempts: list[Run]) -> Run:
 def main(args: argparse.Namespace) -> int:
     if args.child == "naive":
         return naive_child(args)
+    if args.child == "stages":
+        return stages_child(args)
     if args.child:
         return load_child(args)
     import torch
@@ -517,22 +648,26 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     devices = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    model = prepare_model(args, out)
+    models = {f: prepare_model(args, out, f) for f in args.family}
     folders = {f: prepare_folder(out, f, n_images(args, f)) for f in args.folders}
     peaks = {d: {t: matmul_peak(d, t, small=args.tiny) for t in ("bf16", "fp32")} for d in devices}
     report = {"machine": machine_info(devices), "matmul_peak_gflops": peaks, "command": " ".join(sys.argv),
-              "model": model, "dims": model_dims(model), "folders": {}, "load": {}, "runs": [], "agreement": []}
+              "models": models, "dims": {f: model_dims(m) for f, m in models.items()}, "folders": {}, "load": {},
+              "stages": [], "runs": [], "agreement": []}
     if not args.no_load_probe:
-        report["load"] = load_probes(args, devices, model, out)
-    runs, outputs = run_all(args, plan(args, devices), model, folders, peaks, out, report)
+        report["load"] = load_probes(args, devices, models, out)
+    if not args.no_stage_probe:
+        report["stages"] = stage_probes(args, devices, models, folders, out)
+    runs, outputs = run_all(args, plan(args, devices), models, folders, peaks, out, report)
     report["agreement"] = compare(runs, outputs)
     report["runs"] = [dataclasses.asdict(r) for r in runs]
     path = out / f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
     path.write_text(json.dumps(report, indent=1, default=str))
     print_table(runs)
+    print_stages(report["stages"])
     print(f"\n{report['machine']['cpu']}, {report['machine']['date']}; bf16 matmul peak "
           + ", ".join(f"{d} {p['bf16']:.0f} GFLOP/s" for d, p in peaks.items()) + f"\nJSON: {path}")
-    return 1 if any(r.error for r in runs) else 0
+    return 1 if any(r.error for r in runs) or any("error" in p for p in report["stages"]) else 0
 
 
 def n_images(args: argparse.Namespace, folder: str) -> int:
