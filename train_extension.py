@@ -26,7 +26,7 @@ from hydra.common import default_device, log
 from hydra.hub import DownloadError
 from hydra.models.checkpoint import CheckpointError
 from hydra.models.family import Family
-from hydra.models.resources import DEFAULT_MODEL
+from hydra.models.resources import DEFAULT_MODEL, short_model_names
 from hydra.tagger import Tagger
 from hydra.train import features
 from hydra.train import loop as training
@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("-D", "--dir", metavar="PATH", default="train", help="Working directory. (Default: train)")
     g.add_argument("-M", "--model", metavar="PATH",
-                   help=f"Path to model file: JTP-3 or Hydra 3.5, recognised from the file. (Default: {DEFAULT_MODEL})")
+                   help="Path to model file: JTP-3 or Hydra 3.5, recognised from the file; a published model's "
+                        f"short name ({', '.join(short_model_names())}) downloads it on first use. "
+                        f"(Default: {DEFAULT_MODEL})")
     g.add_argument("-d", "--device", metavar="TORCH_DEVICE",
                    help="Torch device. (Default: cuda if available, else cpu; CPU training works)")
     g.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from hydra.common import log
 from hydra.images.decode import DEFAULT_MAX_PIXELS
 from hydra.models.family import CALIBRATION_CSV, CALIBRATION_EMBEDDED, MAX_SIZE, SEQLEN, Family
-from hydra.models.resources import DEFAULT_CALIBRATION, DEFAULT_METADATA, DEFAULT_MODEL
+from hydra.models.resources import DEFAULT_CALIBRATION, DEFAULT_METADATA, DEFAULT_MODEL, short_model_names
 from hydra.tags.rules import CATEGORIES, UNKNOWN_CATEGORY, caption_format, category_names
 
 if TYPE_CHECKING:
@@ -85,8 +85,9 @@ def _default(value, unset: bool):
 
 def add_model_flag(group, *, repeat: bool = False, help_extra: str = "") -> None:
     group.add_argument("-M", "--model", metavar="PATH", action="append" if repeat else None,
-                       help=f"Path to model file; the model family is recognised from it. {help_extra}"
-                            f"(Default: {DEFAULT_MODEL}, downloaded on first use)")
+                       help=f"Path to model file; the model family is recognised from it. {help_extra}A "
+                            f"published model's short name ({', '.join(short_model_names())}) or project path "
+                            f"downloads it on first use. (Default: {DEFAULT_MODEL}, downloaded on first use)")
 
 
 def add_device_flags(group, *, unset: bool = False) -> None:

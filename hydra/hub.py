@@ -1,4 +1,5 @@
-"""First-use downloads from the Hugging Face repo RedRocket/JTP-3, checked by size and sha256.
+"""First-use downloads from RedRocket's Hugging Face repos (RedRocket/JTP-3, RedRocket/Hydra), checked by size
+and sha256.
 
 Only the default files are fetched (a path the user gave explicitly is never replaced). The download goes
 to a hidden temporary file beside the destination and is renamed into place only after the checksum
@@ -17,7 +18,6 @@ from pathlib import Path
 from hydra.common import log
 
 REPO_ID = "RedRocket/JTP-3"
-REPO_URL = f"https://huggingface.co/{REPO_ID}"
 
 
 class DownloadError(RuntimeError):
@@ -57,18 +57,18 @@ def ensure_file(path: str | os.PathLike, repo_file: str, *, sha256: str | tuple[
         return path
     hashes = (sha256,) if isinstance(sha256, str) else tuple(sha256)
     sizes = (size,) if isinstance(size, int) else tuple(size)
-    manual = (f"Download {repo_file} from {REPO_URL} yourself and save it as '{path}'"
-              if repo_id == REPO_ID else f"Save {repo_file} from {repo_id} as '{path}'")
+    url = f"https://huggingface.co/{repo_id}"
+    manual = f"Download {repo_file} from {url} yourself and save it as '{path}'"
     if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
         raise DownloadError(f"{what} '{path}' is missing and HF_HUB_OFFLINE is set. {manual}.")
-    if not _confirm(f"The {what} '{path}' is missing. Download it from {REPO_URL} ({max(sizes) / 1e6:,.1f} MB)?"):
+    if not _confirm(f"The {what} '{path}' is missing. Download it from {url} ({max(sizes) / 1e6:,.1f} MB)?"):
         raise DownloadError(f"{what} '{path}' is missing. {manual}.")
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
         raise DownloadError(f"{what} '{path}' is missing and huggingface_hub is not installed. {manual}.") from None
     path.parent.mkdir(parents=True, exist_ok=True)
-    log(f"Downloading {what} from {REPO_URL} ...")
+    log(f"Downloading {what} from {url} ...")
     with tempfile.TemporaryDirectory(prefix=".download-", dir=path.parent) as tmp:
         try:
             fetched = Path(hf_hub_download(repo_id, repo_file, local_dir=tmp))

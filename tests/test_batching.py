@@ -1,4 +1,4 @@
-"""Grouping samples into batches of similar length (hydra/batching.py): every item exactly once, the first
+"""Grouping samples into batches of similar length (hydra/bulk/batching.py): every item exactly once, the first
 alone, little padding on a mixed stream, no starvation, and arrival order when there is nothing to gain.
 
     venv/bin/python -m pytest tests/test_batching.py -q

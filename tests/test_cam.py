@@ -1,4 +1,4 @@
-"""hydra.web.cam: the multi-layer CAM (spec §9) on a tiny random model, and the overlay drawing.
+"""hydra.web.cam: the multi-layer CAM on a tiny random model, and the overlay drawing.
 
 The map is checked against a reference written here with plain autograd and a manual loop over the
 backbone blocks (not timm's `forward_intermediates`), including the patch-grid orientation on a

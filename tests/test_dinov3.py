@@ -1,8 +1,8 @@
 """DINOv3 tagger core: timm-based model vs an independent plain-PyTorch forward, checkpoint strictness,
 and preprocessing parity with the published script.
 
-The reference forward below is written from spec dinov3 §3 only (no timm), on tiny random checkpoints in
-the published key layout (width 64, depth 2). Everything runs on CPU in a few seconds:
+The reference forward below is written from the documented architecture only (docs/formats.md; no timm),
+on tiny random checkpoints in the published key layout (width 64, depth 2). Everything runs on CPU in a few seconds:
 
     venv/bin/python -m pytest tests/test_dinov3.py -q
 """
@@ -28,7 +28,7 @@ TAGS = ["solo", "breasts", "anthro", "1girl", "hi res"]
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Independent reference forward (spec §3)
+# Independent reference forward (docs/formats.md, DINOv3 tagger)
 
 
 def _rotate_half(t: torch.Tensor) -> torch.Tensor:
@@ -37,7 +37,7 @@ def _rotate_half(t: torch.Tensor) -> torch.Tensor:
 
 
 def reference_forward(sd: dict, pixels: torch.Tensor, num_heads: int, rope_scale: float = 2.0) -> torch.Tensor:
-    """Tagger logits from the raw checkpoint dict, following spec §3 step by step."""
+    """Tagger logits from the raw checkpoint dict, following the documented forward step by step."""
     p = lambda k: sd["backbone." + k]
     width = p("embeddings.cls_token").shape[-1]
     head_dim = width // num_heads
@@ -180,7 +180,7 @@ def test_bf16_backbone_keeps_float32_head(tmp_path, vocab_path, pixels):
 
 
 def test_full_size_layout_maps_onto_timm_h_plus():
-    # The published 616-tensor layout (spec §2.2) on the meta device: no memory, real shapes
+    # The published 616-tensor layout on the meta device: no memory, real shapes
     import timm
 
     D, L, hidden, T = 1280, 32, 5120, 74625
@@ -245,7 +245,7 @@ def test_pt_checkpoint_with_objects_is_refused(tmp_path, vocab_path):
 
 
 def test_transformers4_layout_and_dropped_keys_load(tmp_path, vocab_path, pixels):
-    # transformers 4.x has no `model.` level; RoPE buffers and mask_token are ignored (spec §2.3)
+    # transformers 4.x has no `model.` level; RoPE buffers and mask_token are ignored, as by the published loader
     ckpt = tmp_path / "tagger.safetensors"
     sd = write_dinov3_checkpoint(ckpt, TAGS)
     renamed = {k.replace("backbone.model.layer.", "backbone.layer."): v for k, v in sd.items()}

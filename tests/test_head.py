@@ -1,4 +1,4 @@
-"""The Hydra head's chunked forward (hydra/head.py): running the tags in chunks gives the plain one-pass
+"""The Hydra head's chunked forward (hydra/models/head.py): running the tags in chunks gives the plain one-pass
 computation's numbers, with or without the padding mask, for tag subsets, on the GPU chunk size, and with
 gradients (training runs through the same forward).
 
@@ -28,7 +28,7 @@ def _pool(n_tags: int = 37, dtype: torch.dtype = torch.float32, seed: int = 0) -
 
 
 def _plain(pool: HydraPool, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """The spec's forward in one pass over all tags, written out (no chunks)."""
+    """The documented forward (docs/formats.md, JTP-3) in one pass over all tags, written out (no chunks)."""
     b, s, _ = x.shape
     kv = pool.kv(x).view(b, s, 2, 4, 16).permute(2, 0, 3, 1, 4)
     k, v = F.rms_norm(kv[0], (16,), eps=1e-5), kv[1]

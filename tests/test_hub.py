@@ -69,3 +69,57 @@ def test_network_failure_is_one_message(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(DownloadError, match=r"Could not download the model \(Name or service not known\)"):
         ensure_file(tmp_path / "m", "m", sha256=SHA, size=1, what="model")
+
+
+# -- `-M` names: published models are fetched from their own repos -----------------------------------------
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A scratch project folder, with Hydra 3.5's published file checked against the fake payload."""
+    import dataclasses
+
+    from hydra.models import get, resources
+
+    monkeypatch.setattr(resources, "ROOT", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    family = type(get("hydra35"))
+    monkeypatch.setattr(family, "model_file", dataclasses.replace(family.model_file, sha256=(SHA,),
+                                                                  size=(len(PAYLOAD),)))
+    return tmp_path
+
+
+def test_the_published_hydra35_file_is_the_one_redrocket_publishes():
+    from hydra.models import get
+
+    published = get("hydra35").model_file
+    assert (published.repo_id, published.repo_file, published.path) == (
+        "RedRocket/Hydra", "models/hydra-3.5.safetensors", "models/hydra-3.5.safetensors")
+    assert published.size == (1_064_526_448,)
+    assert published.sha256 == ("5e9337c21019c51f2bb5b33d053ea3e2c0412e5ca972b5ea3c4c21e6987452ca",)
+
+
+@pytest.mark.parametrize("name", ["hydra-3.5", "Hydra-3.5", "models/hydra-3.5.safetensors"])
+def test_a_short_name_or_the_project_path_downloads_hydra35(project, fake_hub, name):
+    from hydra.models.resources import resolve_model
+
+    calls, _ = fake_hub
+    path = resolve_model(name)
+    assert (project / path).read_bytes() == PAYLOAD
+    assert calls == [("RedRocket/Hydra", "models/hydra-3.5.safetensors")]
+    assert resolve_model("hydra-3.5") == path and len(calls) == 1  # present: not fetched again
+
+
+def test_a_file_the_user_has_wins_over_a_short_name(project, fake_hub):
+    from hydra.models.resources import resolve_model
+
+    (project / "hydra-3.5").write_bytes(b"mine")
+    assert resolve_model("hydra-3.5") == "hydra-3.5" and fake_hub[0] == []
+
+
+def test_an_unknown_model_name_lists_the_published_ones(project, fake_hub):
+    from hydra.models.resources import resolve_model
+
+    with pytest.raises(FileNotFoundError, match=r"model file 'hydra-4' does not exist \(published models.*hydra-3\.5"):
+        resolve_model("hydra-4")
+    assert fake_hub[0] == []

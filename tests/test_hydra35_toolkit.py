@@ -3,7 +3,7 @@
 spelling flag, CSV with a header on stdout, --format, the REPL, the web service and its API fields, CAM through
 the mid-block, and calibrate.py from the embedded counts.
 
-Expected outputs are recomputed here from the model's probabilities with the spec's rules written out plainly
+Expected outputs are recomputed here from the model's probabilities with the documented rules written out plainly
 (thresholds from the counts, the ten modes' tag sets), not with the toolkit's classification code.
 
 Run: venv/bin/python -m pytest tests/test_hydra35_toolkit.py -q
@@ -70,7 +70,7 @@ def cli(*args, stdin=None, check_rc=None):
     return proc
 
 
-# -- the spec's rules, written out plainly ---------------------------------------------------------------
+# -- the documented rules (docs/calibration.md, docs/tag-rules.md), written out plainly ---------------------
 
 
 def grid(n: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The JTP-3 image pipeline (spec §2): target sizes (the spec's test vectors), patch order, EXIF, ICC to
+"""The JTP-3 image pipeline (docs/preprocessing.md): target sizes (its test vectors), patch order, EXIF, ICC to
 sRGB, transparency on black, 16-bit handling, collation.
 
     venv/bin/python -m pytest tests/test_image.py -q
@@ -24,7 +24,7 @@ from hydra.images.naflex import (
     unpatchify,
 )
 
-# (W, H, seqlen) -> (W', H'), from spec §2.2
+# (W, H, seqlen) -> (W', H'), the vectors in docs/preprocessing.md
 VECTORS = [
     (512, 512, 1024, 512, 512), (1000, 1000, 1024, 512, 512), (1024, 1024, 1024, 512, 512),
     (2048, 2048, 1024, 512, 512), (4000, 3000, 1024, 576, 432), (3000, 4000, 1024, 432, 576),

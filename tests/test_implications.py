@@ -88,7 +88,7 @@ def test_real_tags_csv_examples():
 
 
 def _naive(labels, implies, p, mode):
-    """The original's per-tag recursive walk (spec §3.2), written as plainly as possible."""
+    """The original's per-tag recursive walk, written as plainly as possible."""
     probs = dict(zip(labels, p))
 
     def push_down(tag, value):

@@ -1,4 +1,4 @@
-"""Tests for hydra/optim.py: Schedule-Free AdamW (refined, constant C) with bf16 stochastic rounding.
+"""Tests for hydra/train/optim.py: Schedule-Free AdamW (refined, constant C) with bf16 stochastic rounding.
 
 Covers: the PyTorch update against a float64 reference written from the paper's x/y/z equations;
 train()/eval() swaps and the checkpoint formula build_extension uses; stochastic rounding properties;
@@ -109,7 +109,7 @@ def test_train_eval_round_trip_restores_y_exactly(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_state_dict_formula_reproduces_eval_params(dtype):
-    """What build_extension does (spec §8.1 step 3): x = lerp(y, z, 1 - 1/beta1) from a train-mode save."""
+    """What build_extension does before writing: x = lerp(y, z, 1 - 1/beta1) from a train-mode save."""
     opt, params = named_setup(dtype)
     sd = opt.state_dict()
     (group,) = sd["param_groups"]

@@ -5,7 +5,8 @@ number of images):
 
     driver: list inputs, skip finished ones
       -> decode   CPU tasks: `Tagger.preprocess` through `hydra.bulk.loader` (crash- and hang-safe); errors are rows
-      -> tag      actor pool: one `hydra.Tagger` per GPU (or CPU actors), batches padded by `hydra.images.naflex.collate`
+      -> tag      actor pool: one `hydra.Tagger` per GPU (or CPU actors), batches padded by
+                  `hydra.images.naflex.collate`
       -> write    CPU tasks: `.txt` captions with `hydra.bulk.run.CaptionSink`, or one shard file per task
       -> driver:  progress bar, one stderr line per failed file, the summary line of a single-process run
 

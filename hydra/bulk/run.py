@@ -295,6 +295,6 @@ def _batches(results: Iterable[tuple[str, dict | LoadError]], size: int, tokens:
                 continue
             yield path, sample
 
-    # Similar lengths batched together (little padding); the first image still goes alone (hydra/batching.py).
+    # Similar lengths batched together (little padding); the first image still goes alone (hydra/bulk/batching.py).
     yield from group_by_length(loaded(), size, lambda item: tokens(item[1]))
 

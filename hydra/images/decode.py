@@ -80,7 +80,7 @@ def open_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int 
 
 
 def to_srgb(img: Image.Image) -> Image.Image:
-    """Convert an embedded ICC profile to sRGB, as the original's `process_srgb` does (spec §2.1 step 4).
+    """Convert an embedded ICC profile to sRGB, as the original's `process_srgb` does.
 
     Any failure leaves the image as it is (images without a profile are assumed to be sRGB already).
     """

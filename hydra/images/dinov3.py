@@ -27,7 +27,7 @@ def _floor16(x: int) -> int:
 
 
 def snap_size(width: int, height: int, max_size: int = DEFAULT_MAX_SIZE) -> tuple[int, int]:
-    """Input size the published DINOv3 script feeds for a `width` x `height` image (spec dinov3 §4).
+    """Input size the published DINOv3 script feeds for a `width` x `height` image (docs/preprocessing.md).
 
     The long edge is capped at `max_size` (never upscaled) and floored to a multiple of 16; the other side
     is scaled by the same factor, rounded, then floored to a multiple of 16 independently (min 16).
@@ -47,7 +47,7 @@ def _has_alpha(image: Image.Image) -> bool:
 
 @dataclass(frozen=True)
 class DinoV3Preprocess:
-    """Image -> `{"pixels": (3, H, W) float32}` numpy, as the published DINOv3 script (spec dinov3 §4).
+    """Image -> `{"pixels": (3, H, W) float32}` numpy, as the published DINOv3 script.
 
     Picklable and torch-free (it runs in loader workers). Animated images use their first frame.
 

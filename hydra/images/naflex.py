@@ -47,7 +47,7 @@ def to_black_background(img: Image.Image) -> Image.Image:
 
 
 def size_for_seqlen(height: int, width: int, seqlen: int, patch: int = PATCH_SIZE) -> tuple[int, int]:
-    """Largest (height, width), multiples of `patch`, whose patch count fits `seqlen` (spec §2.2).
+    """Largest (height, width), multiples of `patch`, whose patch count fits `seqlen` (docs/preprocessing.md).
 
     Never upscales (except sides under one patch become one patch); the aspect ratio is kept approximately
     by a binary search over the scale factor, exactly as the original's `get_image_size_for_seq`.
@@ -97,7 +97,7 @@ class JTP3Preprocess:
 
 
 def prepare_image(img: Image.Image, seqlen: int) -> np.ndarray:
-    """Decoded image -> (H, W, 3) uint8 sRGB on black, resized for `seqlen` (spec §2.1 steps 4-7)."""
+    """Decoded image -> (H, W, 3) uint8 sRGB on black, resized for `seqlen` (ICC, alpha, resize, RGB)."""
     img = to_black_background(to_srgb(img))
     h, w = size_for_seqlen(img.height, img.width, seqlen)
     if (w, h) != img.size:

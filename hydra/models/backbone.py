@@ -6,16 +6,19 @@ mapping is needed. What differs from timm's defaults, and why:
 - `pos_embed_interp_mode="bilinear"` (antialiased, float32 interpolation then cast): the release's setting.
 - `use_key_only_attn_mask=True`: the release masks padded *keys* only, shape (B, 1, 1, S); padded query
   rows stay finite. timm builds this as an additive float mask, which is right on both its fused (SDPA) and
-  its manual attention paths (a boolean mask would be silently wrong on the manual one, spec §15.9).
+  its manual attention paths (a boolean mask would be silently wrong on the manual one: it is *added* to
+  the scores there).
 - `global_pool=""` and `num_classes=0`: the MAP pool and classifier are replaced by the Hydra head.
 - Built on the meta device: timm's random init of ~430M parameters costs seconds and is thrown away; the
-  weights are assigned straight from the file instead (spec §15.3).
-- LayerNorm eps is timm's 1e-6, as in the release (the later upstream used 1e-5; spec §1.2).
+  weights are assigned straight from the file instead (the release's `weight_init="skip"` is refused by
+  timm >= 1.0.23).
+- LayerNorm eps is timm's 1e-6, as in the release (upstream's later own ViT uses torch's 1e-5; the difference
+  is below bf16 noise).
 - Attention always takes timm's fused path (`F.scaled_dot_product_attention`), whatever `TIMM_FUSED_ATTN`
   says: it is the release's path, keeps the scores in fp32, and on CPU its flash kernel ran ~2.5x faster
   than timm's manual attention in bf16 (measured on a 2-core Zen 4 at 1,024 tokens: 62 vs 24 GFLOP/s).
 
-Test models: `overrides` (from the file's `hydra.models.backbone` metadata) change `embed_dim`, `depth`,
+Test models: `overrides` (from the file's `hydra.backbone` metadata) change `embed_dim`, `depth`,
 `num_heads` or `mlp_ratio` and keep every key name.
 """
 

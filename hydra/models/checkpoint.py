@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 # torch is imported by the functions that move tensors: the family registry reads metadata with this module
 # and stays torch-free.
 
-BACKBONE = "naflexvit_so400m_patch16_siglip"  # timm's name; hydra/backbone.py builds it
+BACKBONE = "naflexvit_so400m_patch16_siglip"  # timm's name; hydra/models/backbone.py builds it
 ARCHITECTURE = BACKBONE + "+rr_hydra"   # `modelspec.architecture` of JTP-3 and its extensions
 HYDRA35_ARCHITECTURE = BACKBONE + "+rr_hydra2"  # Hydra 3.5's, matched exactly as upstream does
 KEY_ARCHITECTURE = "modelspec.architecture"
@@ -136,7 +136,7 @@ def _few(keys: list[str], n: int = 4) -> str:
 
 
 def parse_backbone_overrides(path: str | os.PathLike, meta: Mapping[str, str]) -> dict:
-    """The `hydra.models.backbone` JSON object (test models), or {} when absent."""
+    """The `hydra.backbone` JSON object (test models), or {} when absent."""
     raw = meta.get(KEY_BACKBONE)
     if not raw:
         return {}

@@ -2,16 +2,16 @@
 
 The published checkpoint `tagger_proto.safetensors` holds a transformers-v5 `DINOv3ViTModel` under
 `backbone.` and one linear head (74,625 tags) over the final-normed CLS + 4 register tokens
-(spec dinov3 §2-§4). We build the backbone through timm's `vit_huge_plus_patch16_dinov3_qkvb` and map the
+(docs/formats.md, DINOv3 tagger). We build the backbone through timm's `vit_huge_plus_patch16_dinov3_qkvb` and map the
 keys in one table (`_key_table`); all dimensions come from tensor shapes, so tiny test checkpoints in the
 same layout load the same way.
 
 Two things differ from a plain timm DINOv3 and are reproduced for parity with the published script:
 - RoPE patch coordinates are multiplied by 2 at inference (`ROPE_RESCALE`); timm, Meta and transformers
-  only use that factor as a train-time augmentation (spec §3 "Important divergence").
+  only use that factor as a random train-time augmentation, and without it the logits differ by O(1).
 - Preprocessing (in `hydra/images/dinov3.py`, torch-free for loader workers): long edge capped at
-  1024 and each side floored to a multiple of 16, LANCZOS, alpha dropped, no EXIF orientation (spec §4).
-  `DinoV3Preprocess` can fix the last two behind flags.
+  1024 and each side floored to a multiple of 16, LANCZOS, alpha dropped, no EXIF orientation
+  (docs/preprocessing.md). `DinoV3Preprocess` can fix the last two behind flags.
 
 Shape legend: B = images, H, W = pixel height / width, h, w = patch grid (H/16, W/16),
 R = register tokens, N = tokens (1 + R + h·w), D = embed width, F = features ((1 + R)·D),
@@ -38,7 +38,7 @@ from hydra.models.vocab import Vocab, load_vocab
 
 TIMM_MODEL = "vit_huge_plus_patch16_dinov3_qkvb"  # the _qkvb variant keeps the trained q / v biases
 HEAD_DIM = 64  # attention heads = width / 64 unless the checkpoint metadata says otherwise
-ROPE_RESCALE = 2.0  # the published script's constant RoPE coordinate scale (spec §3)
+ROPE_RESCALE = 2.0  # the published script's constant RoPE coordinate scale, applied on every call
 METADATA_KEY = "hydra.backbone"  # safetensors metadata: JSON object of timm constructor overrides
 
 # ---------------------------------------------------------------------------------------------------------
@@ -112,7 +112,7 @@ def _key_table(depth: int) -> dict[str, str]:
 
 
 def _is_dropped(key: str) -> bool:
-    # mask_token is a pretraining leftover; RoPE buffers are recomputed (spec §2.3)
+    # mask_token is a pretraining leftover; RoPE buffers are recomputed (the published loader drops both too)
     return key == "embeddings.mask_token" or "rope_embeddings" in key
 
 
@@ -122,7 +122,7 @@ def _list_keys(keys: list[str], limit: int = 5) -> str:
 
 
 def split_checkpoint(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Split into (backbone, head) the way the published loader does (spec §2.3).
+    """Split into (backbone, head) the way the published loader does.
 
     Backbone keys lose `backbone.`; transformers-4.x `layer.N.*` is renamed to the v5 `model.layer.N.*`;
     `mask_token` and `rope_embeddings` keys are dropped. Every non-`backbone.` key belongs to the head.
@@ -226,7 +226,7 @@ class RescaledRotaryEmbeddingDinoV3(RotaryEmbeddingDinoV3):
 
     timm (like Meta and transformers) applies `rescale_coords` only as a random train-time augmentation;
     the published tagger multiplies its ((i + 0.5) / n)·2 - 1 coordinates by 2 on every call, and the
-    outputs differ by O(1) logits without it (spec §3). Every timm code path (dynamic size, cached grid,
+    outputs differ by O(1) logits without it. Every timm code path (dynamic size, cached grid,
     batched shapes) goes through `_get_pos_embed_from_coords`, so scaling there covers them all.
     """
 
@@ -265,7 +265,7 @@ def _materialise_buffers(module: nn.Module) -> None:
 
 
 class LowRankHead(nn.Module):
-    """Two stacked linear maps F -> r -> T, the checkpoint's optional low-rank head (spec §2.3.3)."""
+    """Two stacked linear maps F -> r -> T: the low-rank head layout the published loader also accepts."""
 
     def __init__(self, num_features: int, rank: int, num_tags: int, down_bias: bool, up_bias: bool):
         super().__init__()

@@ -9,8 +9,9 @@ A family is one object (a `Family` subclass instance) registered in `hydra.model
 - its implication modes and default mode, and the caption spelling (`CaptionStyle`);
 - what else it can do: extensions (and their default folder), a default tag-metadata file, the CAM.
 
-It does the work behind those declarations: recognises a file (`recognises_metadata`, `recognises_keys`), `load`s it into a `TagModel` (the runtime
-object a `Tagger` wraps), and builds the picklable, torch-free `preprocessor` that loader workers run.
+It does the work behind those declarations: recognises a file (`recognises_metadata`, `recognises_keys`), `load`s
+it into a `TagModel` (the runtime object a `Tagger` wraps), and builds the picklable, torch-free `preprocessor`
+that loader workers run.
 
 This module imports neither torch nor a family's network code: loader workers and the registry import it.
 """
@@ -152,6 +153,8 @@ class Family:
     options: frozenset[str] = frozenset()  # ModelOptions fields beyond extensions / max_pixels it reads
     extension_dir: str | None = None       # default extensions folder (project-relative); None = no extensions
     metadata_file: DefaultFile | None = None  # default tag-metadata CSV (categories, implications)
+    model_file: DefaultFile | None = None  # the published model, fetched on first use by `-M` with a short name
+    model_names: tuple[str, ...] = ()      # short `-M` names of `model_file` ("hydra-3.5")
     suffixes: tuple[str, ...] = ()         # file suffixes that only this family uses (recognised without opening)
     csv_header_on_stdout: bool = False     # `-o -` prints the CSV header too (Hydra 3.5's CLI does, JTP-3's not)
 

@@ -3,7 +3,7 @@
 Why per-tag queries: a single pooled vector has to serve 7,504 tags at once; giving every tag its own
 learned query (per attention head) lets each tag look at the patches that matter to it, the "many heads"
 the name refers to. After attention comes one shared SwiGLU feed-forward with a residual, and finally a
-per-tag SwiGLU output head (a 2048 -> 2 matrix per tag, logit = silu(z0) * z1). Spec §1.3.
+per-tag SwiGLU output head (a 2048 -> 2 matrix per tag, logit = silu(z0) * z1). docs/formats.md, JTP-3.
 
 Parameter names and layouts are a file format: `q` (H, T, E), `kv.weight` (2A, D) with K rows before V
 rows, `ff_norm`, `ff_in.weight` (2F, A) with the activated half first, `ff_out.weight` (A, F), and

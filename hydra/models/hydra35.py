@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from hydra.models.checkpoint import HYDRA35_ARCHITECTURE as ARCHITECTURE
 from hydra.models.checkpoint import KEY_ARCHITECTURE
-from hydra.models.family import CALIBRATION_EMBEDDED, SEQLEN, CaptionStyle, Family, ModelOptions
+from hydra.models import resources
+from hydra.models.family import CALIBRATION_EMBEDDED, SEQLEN, CaptionStyle, DefaultFile, Family, ModelOptions
 from hydra.tags import modes
 
 if TYPE_CHECKING:
@@ -38,6 +39,9 @@ class Hydra35Family(Family):
     caption = CaptionStyle(renames=(), escape="", order="model")
     extension_dir = "extensions/hydra-3.5"
     csv_header_on_stdout = True
+    model_file = DefaultFile(resources.HYDRA35_MODEL, "RedRocket/Hydra", resources.HYDRA35_MODEL,
+                             (resources.HYDRA35_SHA256,), (resources.HYDRA35_SIZE,), "Hydra 3.5 model")
+    model_names = ("hydra-3.5", "hydra3.5", "hydra35")
 
     def recognises_metadata(self, metadata: Mapping[str, str]) -> bool:
         return metadata.get(KEY_ARCHITECTURE) == ARCHITECTURE
@@ -56,7 +60,7 @@ class Hydra35Family(Family):
         import numpy as np
         from safetensors import safe_open
 
-        from hydra.calibration.embedded import threshold_grid
+        from hydra.calibration.grid import threshold_grid
         from hydra.calibration.thresholds import Curve
         from hydra.models.checkpoint import KEY_LABELS, read_metadata
         from hydra.models.hydra35_net import parse_labels

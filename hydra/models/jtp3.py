@@ -37,6 +37,9 @@ class JTP3Family(Family):
     extension_dir = resources.DEFAULT_EXTENSIONS
     metadata_file = DefaultFile(resources.DEFAULT_METADATA, REPO_ID, resources.DEFAULT_METADATA,
                                 resources.METADATA_SHA256, resources.METADATA_SIZE, "tag metadata")
+    model_file = DefaultFile(resources.DEFAULT_MODEL, REPO_ID, resources.DEFAULT_MODEL, (resources.MODEL_SHA256,),
+                             (resources.MODEL_SIZE,), "JTP-3 model")
+    model_names = ("jtp-3", "jtp3", "jtp-3-hydra")
 
     def recognises_metadata(self, metadata: Mapping[str, str]) -> bool:
         return metadata.get(KEY_ARCHITECTURE) == ARCHITECTURE

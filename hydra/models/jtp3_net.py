@@ -1,11 +1,11 @@
 """Loading JTP-3 (backbone + Hydra head) from its safetensors file, and running it on patch batches.
 
 The real `models/jtp-3-hydra.safetensors` (bf16, 336 tensors) loads with a strict key and shape match.
-The model is built on the meta device (no random init, spec §1.5, §15.3) and the file's tensors are
-assigned into it: in the stored dtype they are copy-on-write memory maps of the file, so loading takes
+The model is built on the meta device (no random init, which costs seconds; see backbone.py) and the file's
+tensors are assigned into it: in the stored dtype they are copy-on-write memory maps of the file, so loading takes
 ~0.3 s and no second copy of the weights ever exists (the original's way peaks at ~2x the weights); the
 pages are read on first use and shared with the OS file cache. A cast (fp32 on CPUs without native bf16)
-reads tensor by tensor, so the peak stays ~ the cast weights (hydra/checkpoint.py::load_tensors).
+reads tensor by tensor, so the peak stays ~ the cast weights (hydra/models/checkpoint.py::load_tensors).
 
 Shape legend: B = images, S = tokens (padded), D = backbone width, T = tags, P = 768 patch values.
 """

@@ -1,6 +1,6 @@
 """Tag vocabulary of the DINOv3 booru tagger: `tagger_vocab.json` and its `*_with_categories*` variants.
 
-File formats (spec dinov3 §5):
+File formats (docs/formats.md, DINOv3 tagger):
 - `tagger_vocab.json`: `{"idx2tag": [74625 strings]}`; index i is row i of the checkpoint's head.
   Tags are spelled with spaces, never underscores (space -> underscore is lossless).
 - `tagger_vocab_with_categories.json` adds `tag2category: {tag: int}` with e621 category ids -1..8.
@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 
-# Raw `tag2category` ids use e621 numbering (spec §5). Danbooru "meta" would be 5 there but collides
+# Raw `tag2category` ids use e621 numbering, as the tags CSV does. Danbooru "meta" would be 5 there but collides
 # with e621 "species"; upstream labels 5 "species/meta". A category 9 ("rating") is unverified.
 E621_CATEGORY_NAMES: dict[int, str] = {
     -1: "unassigned",

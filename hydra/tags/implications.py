@@ -1,4 +1,4 @@
-"""Tag implications over the transitive implication graph (spec §3.2), vectorised with numpy.
+"""Tag implications over the transitive implication graph (docs/tag-rules.md), vectorised with numpy.
 
 The tags CSV lists only *direct* implications (`tyrannosaurus_rex -> tyrannosaurid -> ... -> dinosaur`), so
 every rule works on the transitive closure, computed once:

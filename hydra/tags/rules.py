@@ -3,7 +3,7 @@ and `classify`, which turns one image's probabilities into the tags to output.
 
 Pure Python + numpy (no torch), so it is tested on the real tag CSV without a model.
 
-Conventions (spec §3):
+Conventions (docs/calibration.md, docs/tag-rules.md):
 - Probabilities p are sigmoid outputs in [0, 1]; data files, calibration CSVs and CSV output use p.
 - The "symmetric" scale s = 2p - 1 in [-1, 1] is what `-t` and the UIs show (so `-t 0.5` means p >= 0.75).
 - Tag names are e621 spelling with underscores; `rewrite_tag` applies the vulva -> pussy rename that the
@@ -116,7 +116,7 @@ def load_metadata(path: str | os.PathLike, rewrite: Callable[[str], str] = rewri
 def load_calibration(path: str | os.PathLike, rewrite: Callable[[str], str] = rewrite_tag) -> dict[str, float]:
     """Read a calibration CSV (`tag,threshold[,...]`) into {tag: p-threshold}.
 
-    Blank thresholds skip the row (spec §3.7); other columns are ignored.
+    Blank thresholds skip the row, as the original's reader does; other columns are ignored.
 
     Raises:
         DataFileError: on a missing column or a threshold outside [0, 1], with the line number.

@@ -1,6 +1,6 @@
 """Tiny random DINOv3-tagger checkpoints and vocab files in the exact published layout, for tests.
 
-`write_dinov3_checkpoint` writes the key names of `tagger_proto.safetensors` (spec dinov3 §2.2:
+`write_dinov3_checkpoint` writes the key names of `tagger_proto.safetensors` (docs/formats.md:
 `backbone.embeddings.*`, `backbone.model.layer.N.*`, `backbone.norm.*`, one head) with small random
 tensors, so loaders are exercised exactly as on the 5 GB file. Nothing is downloaded.
 """
@@ -50,7 +50,7 @@ def dinov3_state_dict(
             p + "norm1.bias": randn(width, std=0.1),
             p + "attention.q_proj.weight": lin(width, width),
             p + "attention.q_proj.bias": randn(width, std=0.1),
-            p + "attention.k_proj.weight": lin(width, width),  # k has no bias (spec §3)
+            p + "attention.k_proj.weight": lin(width, width),  # k has no bias in the published model
             p + "attention.v_proj.weight": lin(width, width),
             p + "attention.v_proj.bias": randn(width, std=0.1),
             p + "attention.o_proj.weight": lin(width, width),
@@ -105,10 +105,10 @@ def write_dinov3_checkpoint(
         head: "dense" (one (T, F) weight) or "lowrank" ((r, F) and (T, r) weights).
         rank: r for the low-rank head.
         head_bias: give every head weight a bias.
-        head_name: key prefix of the head (the real name is unknown, spec §2.1).
+        head_name: key prefix of the head (the published file's name is not known; loaders find it by shape).
         seed: RNG seed.
         fmt: "safetensors" or "pt" (a plain `torch.save` state dict).
-        num_heads: attention heads; anything but width / 64 is stored in the `hydra.models.backbone` metadata,
+        num_heads: attention heads; anything but width / 64 is stored in the `hydra.backbone` metadata,
             which only safetensors files can carry.
 
     Returns:

@@ -1,6 +1,6 @@
 """Random-weight JTP-3 model files in the exact real format, for tests and benchmarks (never a download).
 
-`write_model(path, tags)` writes a tiny model (a small backbone declared in the `hydra.models.backbone` metadata,
+`write_model(path, tags)` writes a tiny model (a small backbone declared in the `hydra.backbone` metadata,
 a small Hydra head); `write_model(path, tags, full_size=True)` writes a file with every key, shape, dtype
 and metadata field of the real `jtp-3-hydra.safetensors` (about 1 GB for 7,504 tags).
 
@@ -62,7 +62,7 @@ def write_model(path: str | os.PathLike, tags: Sequence[str], *, full_size: bool
 
     Args:
         tags: labels in model order (`classifier.labels`).
-        full_size: the real dimensions (no `hydra.models.backbone` metadata at all, exactly like the release).
+        full_size: the real dimensions (no `hydra.backbone` metadata at all, exactly like the release).
         backbone / head: overrides of the tiny defaults (ignored with full_size).
     """
     if full_size:

@@ -42,7 +42,7 @@ def _authorship(meta: dict[str, str], title: str, author: str | None, license: s
 
 def v1_metadata(tag: str, category: str, implies: Sequence[str], *, title: str, author: str | None = None,
                 license: str = "MIT", language: str = "en/US") -> dict[str, str]:
-    """A JTP-3 (v1) extension's metadata (spec §6.1), in the order upstream prints it."""
+    """A JTP-3 (v1) extension's metadata (docs/formats.md, extensions), in the order upstream prints it."""
     meta = _spec(ARCHITECTURE, IMPLEMENTATION, DESCRIPTION)
     meta[KEY_LABEL] = tag
     meta[KEY_CATEGORY] = category

@@ -15,7 +15,7 @@ parameter names, as upstream's checkpoints name them), `checkpoint_state()` (the
 one state dict per module) and `load_checkpoint_state(checkpoint)`.
 
 The Hydra 3.5 q decision: q is trained as stored, without RMSNorm, because Hydra 3.5 uses its stored q as
-is at inference (upstream's hydra2 pool stopped normalising q in training too; only its constructor
+is at inference (upstream's hydra2 pool does not normalise q in training either; only its constructor
 RMS-normalises the random init). So validation in training computes exactly what inference computes with
 the shipped file, the base file's unknown q norms do not matter, and `-i TAG` starts from that tag's exact
 behaviour. A fresh q is upstream's constructor init: N(0, 1) RMS-normalised (L2 norm sqrt(E)); a fresh head

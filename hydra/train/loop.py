@@ -33,11 +33,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from hydra.calibration.grid import grid_logits
+from hydra.calibration.thresholds import cti
 from hydra.common import atomic_write, log
 from hydra.models.checkpoint import CheckpointError
 from hydra.train.features import NEGATIVE, POSITIVE, Item, load_features
@@ -122,8 +125,12 @@ def collate_features(features: Sequence[Tensor], device: torch.device | str,
 
 
 def validation_thresholds(n: int) -> Tensor:
-    """(n,) logit thresholds logit(i / (n + 1)), i = 1..n, rounded to bf16 as upstream does."""
-    return torch.logit(torch.linspace(0, 1, n + 2)[1:-1]).to(torch.bfloat16)
+    """(n,) bf16 logit thresholds bf16(logit(i / (n + 1))), i = 1..n: the grid extension counts are taken at.
+
+    The grid has one definition, `hydra.calibration.grid.grid_logits`, which calibration replays; its values
+    are bf16 numbers already, so the cast is exact.
+    """
+    return torch.from_numpy(grid_logits(n)).to(torch.bfloat16)
 
 
 def count_outcomes(logits: Tensor, labels: Tensor, thresholds: Tensor) -> Tensor:
@@ -135,11 +142,13 @@ def count_outcomes(logits: Tensor, labels: Tensor, thresholds: Tensor) -> Tensor
 
 
 def best_cti(counts: Tensor, thresholds: Tensor) -> tuple[float, float]:
-    """The best CTI = TP / (TP + FP + FN) over the thresholds and its probability threshold."""
-    tp, fp, _, fn = counts.double().unbind(1)
-    cti = torch.where(tp > 0, tp / (tp + fp + fn).clamp_min(1), 0.0)  # (T,)
-    i = int(cti.argmax())
-    return float(cti[i]), float(torch.sigmoid(thresholds[i].float()))
+    """The best CTI = TP / (TP + FP + FN) over the thresholds (0 where TP = 0) and its probability threshold.
+
+    CTI is calibration's `cti`; ties go to the first, lowest threshold, as calibration's selection does.
+    """
+    scores = cti(*counts.double().cpu().numpy().T)  # (T,)
+    i = int(np.argmax(scores))
+    return float(scores[i]), float(torch.sigmoid(thresholds[i].float()))
 
 
 @dataclass

@@ -1,9 +1,12 @@
 """AdamWSFSR: Schedule-Free AdamW (refined, with decoupling constant C) and bf16 stochastic rounding.
 
 The optimizer `train_extension.py` uses for the two small tensors of a new tag (q and out_proj.weight).
-Upstream's `optimizer.bf16sr_adamwsf.AdamWSFSR` is not public; spec §7.8 lists what is known, and this
-module is a from-scratch implementation of it. Papers: Defazio et al. 2024, "The Road Less Scheduled"
-(arXiv 2405.15682), and Song, Baek, Ahn, Yun 2025 (arXiv 2507.09846) for the decoupled averaging weight.
+Upstream's `optimizer.bf16sr_adamwsf.AdamWSFSR` is not public. Its callers show param groups of (name, tensor)
+pairs, the keyword arguments lr, beta1, beta2, c, weight_decay and warmup_steps, `train()` / `eval()` switches,
+a per-parameter state `z` with the eval point x = lerp(y, z, 1 - 1/beta1), and bf16 parameters updated with
+stochastic rounding in a Triton kernel; this module is a from-scratch implementation of that. Papers: Defazio
+et al. 2024, "The Road Less Scheduled" (arXiv 2405.15682), and Song, Baek, Ahn, Yun 2025 (arXiv 2507.09846) for
+the decoupled averaging weight.
 
 Algorithm, step t = 1, 2, ... (the paper's form, with three sequences x, y, z)::
 
@@ -24,7 +27,7 @@ terms collect to c_{t+1} z_t, so::
     z_{t+1} = z_t - gamma_t gh_t
     x       = lerp(y, z, 1 - 1/b1)        (eval point; build_extension applies this to a checkpoint)
 
-Choices where upstream is unknown (spec §7.8 [L]):
+Choices where upstream is unknown:
 - eps = 1e-8, added after the square root of the bias-corrected second moment.
 - v is bias-corrected (1 - b2^t), as schedulefree does; there is no first moment (the averaging is it).
 - Warmup is linear and counted from t = 1, so the first step already uses lr / warmup_steps.
@@ -147,7 +150,7 @@ def stochastic_round_bf16(x: Tensor, generator: torch.Generator | None = None) -
 def schedule_free_eval_point(y: Tensor, z: Tensor, beta1: float) -> Tensor:
     """The averaged point x = lerp(y, z, 1 - 1/beta1), computed in float32, returned in y's dtype.
 
-    This is the conversion build_extension applies to a train-mode checkpoint (spec §8.1 step 3). Use
+    This is the conversion build_extension applies to a train-mode checkpoint before writing it. Use
     this rather than `torch.lerp(y, z, ...)` directly: z is float32 while y may be bf16, and lerp refuses
     mixed dtypes.
     """

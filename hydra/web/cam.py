@@ -1,4 +1,4 @@
-"""Multi-layer class-activation map (CAM) for one tag, and its overlay on the displayed image (spec §9).
+"""Multi-layer class-activation map (CAM) for one tag, and its overlay on the displayed image.
 
 DrHead's method from the original WebUI: take the raw outputs of the last `depth` backbone blocks (before
 the final LayerNorm), feed each one *directly* into the Hydra head restricted to the chosen tag (skipping

@@ -5,9 +5,9 @@
 handler is a few lines over the same two steps, `resolve` and `render`. Errors become Gradio messages
 (`ui_errors`): the user's mistakes as they are, our bugs in one line with the traceback in the server log.
 
-Gradio names API parameters after the handler's parameters, so every handler spells them out; the ones added
-after the first release (`model`, `max_size`, `topk`) come last, with defaults, so `gradio_client` code written
-for a single JTP-3 model keeps working.
+Gradio names API parameters after the handler's parameters, so every handler spells them out; the ones a
+single-model JTP-3 client never sends (`model`, `max_size`, `topk`, `metric`) come last, with defaults, so
+`gradio_client` code written for one JTP-3 model keeps working.
 """
 
 from __future__ import annotations

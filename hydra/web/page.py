@@ -170,7 +170,7 @@ def _wire(h: Handlers, c: dict) -> None:
         "on_model",
         "on_batch")}
     controls = [c[k] for k in ("threshold", "source", "calibration", "mode", "exclude", "seqlen")]
-    # added after the first release: last, so old clients keep working
+    # last, so gradio_client calls that pass only the six controls above (one JTP-3 model) keep working
     later = [c["model"], c["max_size"], c["topk"], c["metric"]]
     settings = [c["key"], *controls, *later]
     outputs = [c[k] for k in ("caption", "tag_list", "groups", "download", "status")]
