@@ -81,7 +81,8 @@ def make_web(args: argparse.Namespace):
     """
     from hydra import cli
     from hydra.common import log
-    from hydra.web.service import Limits, WebModel, WebService
+    from hydra.web.model import WebModel
+    from hydra.web.service import Limits, WebService
 
     if args.max_upload_mb <= 0 or args.url_timeout <= 0:
         raise ValueError("--max-upload-mb and --url-timeout must be positive")
@@ -135,7 +136,8 @@ def _check_models(args: argparse.Namespace, models: list) -> None:
     for flag, given, uses in (("-m", args.metadata is not None, lambda f: f.metadata_file),
                               ("-e", bool(args.extension), lambda f: f.extension_dir)):
         if given and not any(uses(f) for _, f in models):
-            users = ", ".join(f.title for f in families() if uses(f))
+            titles = [f.title for f in families() if uses(f)]
+            users = " and ".join([", ".join(titles[:-1]), titles[-1]] if len(titles) > 1 else titles)
             raise ValueError(f"{flag} is for {users} models, and none is configured")
 
 

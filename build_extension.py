@@ -24,7 +24,6 @@ from hydra.models.resources import project_path
 from hydra.tags.names import check_tag_name
 from hydra.tags.rules import CATEGORIES
 from hydra.train import loop as training
-from hydra.train.export import DESCRIPTION  # noqa: F401  (the v1 description, importable here as before)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,11 +31,14 @@ def epilog() -> str:
     from hydra.tags import modes
 
     jtp3 = [f"  {m:<18}{MODE_HELP[m]}" for m in MODES]
+    rare = ("contributor", "invalid")
     hydra35 = [f"  {m:<18}{modes.MODE_HELP[m]}" for m in modes.MODES]
     return "\n".join([
         "MODE (JTP-3 Hydra and the DINOv3 tagger: implications adjust probabilities before thresholds):", *jtp3,
         "", "MODE (Hydra 3.5, as upstream: implications act on the tags that pass):", *hydra35, "",
-        "CATEGORY:", "  " + " ".join([*CATEGORIES, *SUBCATEGORIES]), "",
+        "CATEGORY:", "  " + " ".join(c for c in CATEGORIES if c not in rare),
+        f"  also {' '.join(rare)} (e621 categories JTP-3 Hydra has no tags in), and the subcategories "
+        f"{' '.join(SUBCATEGORIES)}", "",
         f"METRIC (--metric, Hydra 3.5): {METRIC_SYNTAX}, e.g. {', '.join(METRIC_EXAMPLES)}", "",
         "Short flags that upstream Hydra 3.5 gives another meaning keep this toolkit's: -m is the tag metadata CSV",
         "(upstream's metric is --metric) and -x a category (upstream's -x TAG is --exclude-tag).", "",
@@ -144,6 +147,11 @@ def main(args: argparse.Namespace) -> int:
         skipped, paths = len(paths) - len(todo), todo
     if args.ray is not None:  # the same run on Ray Data; exits 2 with an install hint when Ray is missing
         return distributed.run(args, paths, tagger, settings, skipped=skipped, failed=len(scan_errors))
+    if args.output and args.output != "-" and args.ray is None:
+        real = os.path.realpath(args.output)
+        if any(not is_url(p) and os.path.realpath(p) == real for p in paths):
+            log(f"error: -o {args.output}: that file is one of the images to tag; give the CSV another name")
+            return 2
     if args.output:
         sink = CsvSink(args.output, settings.labels, header_on_stdout=tagger.family.csv_header_on_stdout)
     elif args.format:

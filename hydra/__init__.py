@@ -1,4 +1,5 @@
-"""JTP-3 Hydra tagging toolkit: `load_tagger` / `Tagger` to tag images; the rest serves the scripts.
+"""Image tagging with RedRocket's JTP-3 Hydra and Hydra 3.5 and the DINOv3 tagger: `load_tagger` / `Tagger` to tag
+images; the rest serves the scripts.
 
 Attributes are imported lazily, so that loader worker processes (which import `hydra.images.naflex`) do not pay
 for torch and timm at start-up.

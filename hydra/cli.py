@@ -114,13 +114,15 @@ def add_extension_flags(group) -> None:
 
 def add_size_flags(group, *, unset: bool = False) -> None:
     """`-S` and `--max-size`: each family reads the one its size control names."""
+    from hydra.models import families
+
+    users = "; ".join(f"{' and '.join(f.title for f in families() if f.size is c)}: {c.flag}" for c in SIZE_CONTROLS)
     for control in SIZE_CONTROLS:
         group.add_argument(control.flag, *(["--seqlen"] if control is SEQLEN else []), dest=control.name,
                            metavar="PX" if control is MAX_SIZE else "SEQLEN", type=control.argparse_type,
                            default=_default(control.default, unset),
-                           help=f"{control.label}: {control.help}, for models that use it (JTP-3: -S; the DINOv3 "
-                                f"tagger: --max-size). (Default: {control.default}; {control.minimum} to "
-                                f"{control.maximum})")
+                           help=f"{control.label}: {control.help}, for models that use it ({users}). "
+                                f"(Default: {control.default}; {control.minimum} to {control.maximum})")
 
 
 def add_dinov3_flags(group, *, unset: bool = False, repeat_vocab: bool = False) -> None:
@@ -212,6 +214,9 @@ def load_run(args: argparse.Namespace) -> tuple[Tagger, TagSettings]:
     if flag("metric") is not None and family.calibration != CALIBRATION_EMBEDDED:
         raise ValueError(f"--metric chooses thresholds from validation counts inside the model file; "
                          f"{family.title} models have none (use calibrate.py, -t or a calibration CSV)")
+    if flag("metric") is not None and flag("threshold") is not None:
+        raise ValueError("give either -t (a threshold or calibration CSV) or --metric (thresholds from the "
+                         "model's validation counts), not both")
     metric = parse_metric(flag("metric", DEFAULT_METRIC))
     rewrite = family.rename(bool(flag("original_tags", False)))
     metadata: TagMetadata | None = None
@@ -278,7 +283,7 @@ def embedded_calibration(labels: list[str], validation, metric) -> dict[str, flo
     return {t: float(v) for t, v in zip(labels, values) if math.isfinite(v)}
 
 
-def _check_metadata_needs(args: argparse.Namespace, metadata: TagMetadata | None, exclude: list[int]) -> None:
+def _check_metadata_needs(args: argparse.Namespace, metadata: TagMetadata | None, exclude: list[str]) -> None:
     """Implications need implication data and -x needs categories: say so before any work is done."""
     mode = getattr(args, "implications", None)
     if mode not in (None, "off") and not (metadata and any(metadata.implies.values())):

@@ -96,28 +96,56 @@ def temp_beside(path: str | os.PathLike) -> tuple[int, str]:
     return fd, tmp
 
 
+def write_target(path: str | os.PathLike) -> tuple[Path, bool]:
+    """Where writing `path` goes, and whether it must be written in place rather than renamed into place.
+
+    A symlink is followed (the link stays, its target gets the new content). Only a regular file, or a file
+    that does not exist yet, is replaced by a rename: renaming over a FIFO or a device (`/dev/stdout`) would
+    replace it with a regular file, so those are written directly.
+    """
+    target = Path(os.path.realpath(path))
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return target, False
+    return target, not stat.S_ISREG(st.st_mode)
+
+
 class AtomicFile:
     """A hidden temporary file beside `path` that becomes `path` on `commit()`, or vanishes on `discard()`.
 
-    The temporary name starts with a dot, so folder scans skip it even while it exists.
+    The temporary name starts with a dot, so folder scans skip it even while it exists. A FIFO or device is
+    written directly instead (`write_target`). A write error, even one that only shows when the file is
+    closed (a full disk), removes the temporary file and leaves `path` as it was.
     """
 
     def __init__(self, path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8",
                  newline: str | None = None, errors: str | None = None):
-        self.path = Path(path)
-        fd, self.tmp = temp_beside(self.path)
+        self.path, direct = write_target(path)
         binary = "b" in mode
-        self.file = os.fdopen(fd, mode, encoding=None if binary else encoding, newline=None if binary else newline,
-                              errors=None if binary else errors)
+        text = {} if binary else {"encoding": encoding, "newline": newline, "errors": errors}
+        if direct:
+            self.tmp = None
+            self.file = open(self.path, mode, **text)
+        else:
+            fd, self.tmp = temp_beside(self.path)
+            self.file = os.fdopen(fd, mode, **text)
 
     def commit(self) -> None:
-        self.file.close()
-        os.replace(self.tmp, self.path)
+        try:
+            self.file.close()  # flushes: a short write raises here, before anything is renamed
+            if self.tmp is not None:
+                os.replace(self.tmp, self.path)
+        except BaseException:
+            self.discard()
+            raise
 
     def discard(self) -> None:
-        self.file.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.tmp)
+        with contextlib.suppress(OSError):
+            self.file.close()
+        if self.tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp)
 
 
 @contextlib.contextmanager

@@ -27,11 +27,10 @@ from PIL import Image
 from hydra.common import choose_dtype, default_device, log
 from hydra.images.decode import DEFAULT_MAX_PIXELS
 from hydra.models import detect
-from hydra.models.family import Family, ModelOptions, TagModel
+from hydra.models.family import DEFAULT_TOPK, Family, ModelOptions, TagModel
 from hydra.models.resources import DEFAULT_MODEL
 
 ImageSource = str | os.PathLike | bytes | Image.Image
-DEFAULT_TOPK = 30  # `predict` without topk or threshold (the DINOv3 card's API default)
 
 
 class Tagger:

@@ -445,7 +445,7 @@ def test_batch_limits(web, jtp, fixture_files, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["-M", "{model}", "-M", "{model}"], "given twice"),
     (["-M", "{model}", "--vocab", "{plain_vocab}"], "1 --vocab for 0 DINOv3 tagger checkpoint(s)"),
-    (["-M", "{dino}", "-e", "{extension}"], "-e is for JTP-3 Hydra models, and none is configured"),
+    (["-M", "{dino}", "-e", "{extension}"], "-e is for JTP-3 Hydra and Hydra 3.5 models, and none is configured"),
     (["-M", "{model}", "-M", "{dino_plain}"], "give its vocabulary with --vocab"),
 ])
 def test_startup_fails_in_one_line_before_serving(fixture_files, capsys, flags, message):

@@ -27,6 +27,7 @@ from hydra.models.jtp3_net import load_jtp3
 from hydra.testing.jtp3 import write_model
 from hydra.train import features, heads
 from hydra.train import loop as training
+from hydra.train.export import DESCRIPTION
 from hydra.train.features import Item
 from hydra.train.optim import AdamWScheduleFree, schedule_free_eval_point
 
@@ -95,7 +96,7 @@ def test_build_writes_only_the_extension_tensors_and_the_metadata(tmp_path, trai
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "naflexvit_so400m_patch16_siglip+rr_hydra",
         "modelspec.implementation": "redrocket.extension.label.v1",
-        "modelspec.description": build_extension.DESCRIPTION,
+        "modelspec.description": DESCRIPTION,
         "modelspec.date": datetime.date.today().isoformat(),
         "modelspec.tags": "Image Classification",
         "modelspec.title": "JTP-3 Hydra Extension: my.tag/x",

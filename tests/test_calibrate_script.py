@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import calibrate
+from hydra.models.jtp3 import JTP3
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,8 +66,9 @@ def test_help_and_defaults():
         assert default in text, default
     args = parser.parse_args([])
     assert (args.data, args.output, args.metric, args.plot_dir) == (
-        None, "calibration.csv", "cti", "calibration-plots")  # None: the project's data file
-    assert calibrate.selection_options(args) == {"exclude": []}  # the library defaults apply
+        None, "calibration.csv", None, "calibration-plots")  # None: the project's data file; the model's metric
+    # the library defaults apply: cti for a validation CSV (embedded counts get upstream's f1.0@0.1)
+    assert calibrate.selection_options(args, JTP3) == ("cti", {"metric": "cti", "exclude": []})
     args = parser.parse_args(["-x", "a", "b", "-x", "c", "--epsilon", "-0.01", "-R", "0.1", "0.9"])
     assert args.exclude_tags == ["a", "b", "c"] and args.epsilon == -0.01 and args.range == [0.1, 0.9]
 
@@ -117,7 +119,7 @@ def test_excluding_an_unknown_tag_is_noted(val, capsys):
     (["--data", "missing.csv"], "validation data 'missing.csv' not found"),
     (["--data", "bad.csv"], "bad.csv:3: tp 'x' is not a number"),
     (["-o", "no/such/dir/out.csv"], "No such file or directory"),
-    (["-M", "m.safetensors", "-w", "0", "--refresh"], "--refresh, -M, -w: only meaningful with --from-dataset DIR"),
+    (["-M", "m.safetensors", "-w", "0", "--refresh"], "--refresh, -w: only meaningful with --from-dataset DIR"),
 ])
 def test_user_errors_are_one_line_and_exit_2(val, capsys, tmp_path, argv, message):
     (tmp_path / "bad.csv").write_text("tag,threshold,tp,fp,tn,fn\na,0.5,1,1,1,1\na,0.6,x,1,1,1\n")

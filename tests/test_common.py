@@ -1,17 +1,22 @@
-"""Atomic writes (all or nothing, no debris, normal permissions) and the device/dtype choice.
+"""Atomic writes (all or nothing, no debris, normal permissions; symlinks followed, FIFOs and devices written
+in place, a failed close commits nothing) and the device/dtype choice.
 
     venv/bin/python -m pytest tests/test_common.py -q
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+import threading
 
 import pytest
 import torch
 
+from hydra import common
 from hydra.common import atomic_write, choose_dtype
+from hydra.models.checkpoint import save_safetensors
 
 
 def test_atomic_write_is_all_or_nothing(tmp_path):
@@ -39,6 +44,72 @@ def test_atomic_write_permissions(tmp_path):
         assert stat.S_IMODE(os.stat(tmp_path / "shared.txt").st_mode) == 0o664  # the replaced file's mode
     finally:
         os.umask(umask)
+
+
+def test_a_symlink_is_followed_not_replaced(tmp_path):
+    real = tmp_path / "real" / "c.txt"
+    real.parent.mkdir()
+    real.write_text("old")
+    link = tmp_path / "c.txt"
+    link.symlink_to(real)
+    with atomic_write(link) as f:
+        f.write("new")
+    assert link.is_symlink() and real.read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == ["c.txt", "real"] and os.listdir(real.parent) == ["c.txt"]
+    dangling = tmp_path / "d.txt"
+    dangling.symlink_to(tmp_path / "real" / "later.txt")
+    with atomic_write(dangling) as f:
+        f.write("created")
+    assert dangling.is_symlink() and (real.parent / "later.txt").read_text() == "created"
+
+
+def test_a_fifo_is_written_in_place(tmp_path):
+    fifo = tmp_path / "out.csv"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    with atomic_write(fifo) as f:
+        f.write("a,b\n")
+    reader.join(10)
+    assert got == ["a,b\n"] and stat.S_ISFIFO(os.stat(fifo).st_mode) and os.listdir(tmp_path) == ["out.csv"]
+
+
+def test_save_safetensors_into_a_fifo(tmp_path):
+    # a FIFO stands in for a device here: a regression must not replace a real /dev node on the test machine
+    fifo = tmp_path / "ext.safetensors"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    save_safetensors(fifo, {"t": torch.arange(3.0)}, {"k": "v"})
+    reader.join(10)
+    from safetensors.torch import load
+
+    assert torch.equal(load(got[0])["t"], torch.arange(3.0)) and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert os.listdir(tmp_path) == ["ext.safetensors"]
+
+
+def test_a_write_error_at_close_commits_nothing(tmp_path, monkeypatch):
+    target = tmp_path / "c.txt"
+    target.write_text("old")
+    fdopen = os.fdopen
+
+    class DiskFull:  # the buffered data only reaches the disk at close, which then fails
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            return self.f.write(text)
+
+        def close(self):
+            self.f.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(common.os, "fdopen", lambda *a, **kw: DiskFull(fdopen(*a, **kw)))
+    with pytest.raises(OSError, match="No space"), atomic_write(target) as f:
+        f.write("new")
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["c.txt"]
 
 
 def test_dtype_choice_says_why():

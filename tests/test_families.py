@@ -34,7 +34,7 @@ from hydra.models.family import MAX_SIZE, SEQLEN, Family, ModelOptions
 from hydra.models.hydra35 import HYDRA35
 from hydra.models.jtp3 import JTP3
 from hydra.tagger import Tagger
-from hydra.testing.dinov3 import write_dinov3_checkpoint, write_vocab
+from hydra.testing.dinov3 import write_dinov3_checkpoint
 from hydra.testing.hydra35 import write_hydra35_model
 from hydra.testing.jtp3 import write_model
 

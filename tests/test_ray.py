@@ -1,4 +1,4 @@
-"""inference.py --ray (hydra/distributed.py) against single-process runs, on the tiny fixture model and a few
+"""inference.py --ray (hydra/bulk/distributed.py) against single-process runs, on the tiny fixture model and a few
 hundred generated images with some broken files: the same captions and the same probabilities in CSV, JSONL and
 Parquet shards, bad files reported the same way, resume after Ctrl-C and after a lost shard, a local Ray instance,
 the install hint without Ray, and a tiny Hydra 3.5 model's captions (libvips decoding in Ray tasks, the model's

@@ -10,9 +10,11 @@ from __future__ import annotations
 import io
 import os
 import signal
+import stat
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 
@@ -272,3 +274,42 @@ def test_metadata_csv_errors_always_name_a_line(tmp_path_factory, junk, line):
     path.write_text("tag,category,implications\n" + "\n".join(rows) + "\n", encoding="utf-8")
     with pytest.raises(DataFileError, match=r"m\.csv: line \d+: "):
         load_metadata(path)
+
+
+def test_an_input_is_never_overwritten(small_model, tmp_path):
+    model, _ = small_model
+    pic = tmp_path / "pic.txt"  # an image whose caption name is its own name
+    noise_image(64, 48).save(pic, format="PNG")
+    other = tmp_path / "other.png"
+    noise_image(48, 64, seed=1).save(other)
+    before = pic.read_bytes(), other.read_bytes()
+    proc = cli("-M", model, "-w", "0", pic, other)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"'{pic}': cannot write output (its caption would replace the image itself" in proc.stderr
+    assert (tmp_path / "other.txt").exists() and pic.read_bytes() == before[0]
+    proc = cli("-M", model, "-w", "0", "-o", other, pic, other)  # -o naming one of the images
+    assert proc.returncode == 2 and "that file is one of the images to tag" in proc.stderr
+    assert other.read_bytes() == before[1] and sorted(os.listdir(tmp_path)) == ["other.png", "other.txt", "pic.txt"]
+
+
+def test_outputs_follow_symlinks_and_write_fifos_in_place(small_model, tmp_path):
+    model, _ = small_model
+    noise_image(64, 48).save(tmp_path / "a.png")
+    kept = tmp_path / "captions" / "a.txt"
+    kept.parent.mkdir()
+    kept.write_text("old")
+    (tmp_path / "a.txt").symlink_to(kept)
+    cli("-M", model, "-w", "0", "-t", "-1", tmp_path / "a.png", check_rc=0)
+    assert (tmp_path / "a.txt").is_symlink() and kept.read_text() not in ("", "old")
+    fifo = tmp_path / "probs.csv"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([sys.executable, SCRIPT, "-M", model, "-w", "0", "-o", str(fifo), str(tmp_path / "a.png")],
+                            stderr=subprocess.PIPE, text=True)
+    got = []  # the read blocks until the run opens the FIFO for writing, and ends when it closes it
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    reader.join(30)
+    rows = got[0].splitlines()
+    assert rows[0].startswith("filename,") and rows[1].startswith(str(tmp_path / "a.png"))
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)

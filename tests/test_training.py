@@ -1,4 +1,4 @@
-"""Tests for hydra/training.py and train_extension.py's argument handling.
+"""Tests for hydra/train/ (workspace, feature cache, loop) and train_extension.py's argument handling.
 
 Covers: the workspace rules (tag folder, which files count); the feature cache (contents equal the
 backbone's valid-token features, freshness by mtime, --rebuild-cache, --no-mtime, failures counted, loader

@@ -8,6 +8,7 @@ Ctrl-C leaves neither half-written files nor temporary debris.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import sys
@@ -162,6 +163,8 @@ class CaptionSink:
     def write(self, path: str, probs: np.ndarray) -> None:
         caption = self.captions.caption(self.rules.classify(probs), self.prefix, self.shuffle)
         target = caption_path(path)
+        if os.path.realpath(target) == os.path.realpath(path):
+            raise OSError(errno.EEXIST, "its caption would replace the image itself, whose name ends in .txt")
         if self.append and os.path.exists(target):
             caption = merge_captions(read_caption(target), caption, self.prefix)
         with atomic_write(target, "w", encoding="utf-8", newline="") as f:

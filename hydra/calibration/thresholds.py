@@ -186,8 +186,8 @@ def get_metric(name: str) -> Metric:
                                 "p4": p4, "custom": custom_metric}
     if key in named:
         return named[key]
-    if key == "f" or key.startswith("f") and _is_float(key[1:]):
-        beta = float(key[1:] or 1)
+    if key.startswith("f") and _is_float(key[1:]):
+        beta = float(key[1:])
         if not (math.isfinite(beta) and beta > 0):
             raise ValueError(f"metric {name!r}: F-beta needs a beta > 0 (e.g. f1, f0.5, f2)")
         return f_beta(beta)

@@ -160,11 +160,19 @@ def check_architecture(path: str | os.PathLike, meta: Mapping[str, str]) -> str:
 
 def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                      metadata: Mapping[str, str]) -> None:
-    """Write atomically: a hidden temporary file in the same folder, renamed over `path` when complete."""
+    """Write atomically: a hidden temporary file in the same folder, renamed over `path` when complete (a
+    symlink is followed; a FIFO or device is written directly, see `hydra.common.write_target`)."""
     from safetensors.torch import save_file
 
-    from hydra.common import temp_beside
+    from hydra.common import temp_beside, write_target
 
+    path, direct = write_target(path)
+    if direct:  # safetensors' save_file would replace the path; write the serialised bytes into it instead
+        from safetensors.torch import save
+
+        with open(path, "wb") as f:
+            f.write(save({k: v.contiguous() for k, v in tensors.items()}, metadata=dict(metadata)))
+        return
     fd, tmp = temp_beside(path)
     os.close(fd)
     try:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from hydra.images.dinov3 import DinoV3Preprocess
 from hydra.models.checkpoint import CheckpointError
-from hydra.models.family import MAX_SIZE, CaptionStyle, Family, ModelOptions
+from hydra.models.family import DEFAULT_TOPK, MAX_SIZE, CaptionStyle, Family, ModelOptions
 
 if TYPE_CHECKING:
     import numpy as np
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from hydra.tags.rules import TagMetadata
 
 VOCAB_NAMES = ("tagger_vocab_with_categories.json", "tagger_vocab.json")  # looked for beside the checkpoint
-TOPK = 30  # the card's CLI default, since the probabilities are uncalibrated
 
 
 def find_vocab(checkpoint_path: str | os.PathLike) -> str:
@@ -97,7 +96,7 @@ class DinoV3Family(Family):
     title = "DINOv3 tagger"
     files = "tensors under 'backbone.' with a vocabulary JSON, or a .pt/.pth state dict"
     size = MAX_SIZE
-    default_topk = TOPK
+    default_topk = DEFAULT_TOPK  # the probabilities are uncalibrated
     caption = CaptionStyle()  # the vocabulary's own spelling: no renames
     options = frozenset({"vocab", "exif", "white_background"})
     suffixes = (".pt", ".pth")  # torch state dicts cannot be inspected without unpickling them

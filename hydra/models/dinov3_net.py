@@ -34,12 +34,12 @@ from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
 from torch import Tensor, nn
 
 from hydra.images.naflex import PATCH_SIZE
+from hydra.models.checkpoint import KEY_BACKBONE as METADATA_KEY  # JSON object of timm constructor overrides
 from hydra.models.vocab import Vocab, load_vocab
 
 TIMM_MODEL = "vit_huge_plus_patch16_dinov3_qkvb"  # the _qkvb variant keeps the trained q / v biases
 HEAD_DIM = 64  # attention heads = width / 64 unless the checkpoint metadata says otherwise
 ROPE_RESCALE = 2.0  # the published script's constant RoPE coordinate scale, applied on every call
-METADATA_KEY = "hydra.backbone"  # safetensors metadata: JSON object of timm constructor overrides
 
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoint reading and key mapping

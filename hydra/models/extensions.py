@@ -1,4 +1,4 @@
-"""Extensions: small safetensors files that add a tag to JTP-3, or replace one (spec §6).
+"""Extensions: small safetensors files that add a tag to JTP-3, or replace one (docs/formats.md).
 
 An extension holds one tag's query `q` (H, 1, E) and output matrix `out_proj.weight` (1, A, 2), an
 optional `validation` table (T_v, 4) of [tp, fp, tn, fn] counts, and metadata naming the tag.

@@ -28,6 +28,8 @@ from hydra.images.dinov3 import DEFAULT_MAX_SIZE
 from hydra.images.naflex import DEFAULT_SEQLEN
 from hydra.tags.implications import MODES as JTP3_MODES
 
+DEFAULT_TOPK = 30  # the DINOv3 card's top-k default: the library API, uncalibrated families, the web slider
+
 if TYPE_CHECKING:
     import numpy as np
     import torch

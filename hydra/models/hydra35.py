@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from hydra.models import resources
 from hydra.models.checkpoint import HYDRA35_ARCHITECTURE as ARCHITECTURE
 from hydra.models.checkpoint import KEY_ARCHITECTURE
-from hydra.models import resources
 from hydra.models.family import CALIBRATION_EMBEDDED, SEQLEN, CaptionStyle, DefaultFile, Family, ModelOptions
 from hydra.tags import modes
 

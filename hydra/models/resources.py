@@ -30,7 +30,7 @@ MODEL_SIZE = 1_002_587_984
 HYDRA35_MODEL = "models/hydra-3.5.safetensors"  # in RedRocket/Hydra and in the project folder
 HYDRA35_SHA256 = "5e9337c21019c51f2bb5b33d053ea3e2c0412e5ca972b5ea3c4c21e6987452ca"
 HYDRA35_SIZE = 1_064_526_448
-# The tags CSV has been published with LF and with CRLF line endings; both are the same data (spec §4.1).
+# The tags CSV has been published with LF and with CRLF line endings; both are the same data (docs/formats.md).
 METADATA_SHA256 = ("0ed081ac3d27c4ab7e63b2c1e8e8542c1f0cf3936a71d4463bd7a321f1b07641",
                    "aa0964419b9d29a5574f594aa6d693bbc3065c1c503a385b69baff90cc75a936")
 METADATA_SIZE = (188_822, 196_327)

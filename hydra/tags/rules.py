@@ -333,7 +333,7 @@ class TagSettings:
     rewrite: Callable[[str], str]
     threshold: Threshold
     mode: str
-    exclude: list[str] = field(default_factory=list)       # category and subcategory names (`-x`, `-C`)
+    exclude: list[str | int] = field(default_factory=list)  # categories (names or e621 ids) and subcategories
     topk: int | None = None           # `--topk`: the k best tags instead of the threshold
     exclude_tags: list[str] = field(default_factory=list)  # tag names (`--exclude-tag`, `-X`)
     groups: list[modes.ExclusiveGroup] = field(default_factory=list)  # `-g`, `-G`
@@ -352,8 +352,9 @@ class TagSettings:
             return None
         if self.exclude and self.metadata is None:
             raise ValueError("category exclusion requires tag metadata (-m PATH)")
+        exclude = [CATEGORY_NAMES.get(c, str(c)) if isinstance(c, int) else c for c in self.exclude]
         return modes.exclusion_mask(self.labels, category_names(self.labels, self.metadata), self.exclude_tags,
-                                    self.exclude)
+                                    exclude)
 
     def rules(self, **changes) -> TagRules:
         """TagRules of these settings, or of a copy with some fields changed (the web UI's per-request

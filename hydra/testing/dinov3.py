@@ -13,7 +13,9 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from hydra.models.dinov3_net import HEAD_DIM, METADATA_KEY, PATCH_SIZE
+from hydra.images.naflex import PATCH_SIZE
+from hydra.models.checkpoint import KEY_BACKBONE as METADATA_KEY
+from hydra.models.dinov3_net import HEAD_DIM
 
 
 def dinov3_state_dict(

@@ -1,4 +1,4 @@
-"""The extension trainer's workspace and feature cache (spec §7.1, §7.3).
+"""The extension trainer's workspace and feature cache.
 
 A training workspace is `<dir>/<tag_dir>/positive|negative` (+ `checkpoints`). Because the backbone is frozen,
 each image's final-LayerNorm token features are computed once and cached in bf16 beside it, in
@@ -89,7 +89,7 @@ class Workspace:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Feature cache (spec §7.3)
+# Feature cache
 
 
 def check_cache_tag(cache_tag: str) -> str:

@@ -1,14 +1,14 @@
 """Training one new tag on top of a frozen model: split, loop, checkpoints (workspace and feature cache:
 hydra/train/features.py; the trainable heads: hydra/train/heads.py).
 
-What `train_extension.py` and `build_extension.py` run (spec §7, §8.1). A new tag is its own slices of the
+What `train_extension.py` and `build_extension.py` run, as RedRocket's trainer does. A new tag is its own slices of the
 per-tag parameters (JTP-3: `q` (H, 1, E) and `out_proj.weight` (1, A, 2); Hydra 3.5: `attn_pool.q`
 (H, 1, E) and `head.weight` (1, A)); everything else (the backbone and the pool's shared weights) is
 frozen. Because the backbone is frozen, its final-LayerNorm token features are computed once per image and
 cached in bf16 next to the image; an epoch then only runs the head. The loop works with any head that has
 the interface of hydra/train/heads.py (`named_trainable`, `checkpoint_state`, `load_checkpoint_state`).
 
-Deliberate differences from upstream (see README):
+Deliberate differences from upstream (docs/deviations.md):
 - Padding tokens are masked in training and validation exactly as at inference (upstream's mask came out
   all True, so zero-feature padding took part in the softmax). With the mask, a batch only needs padding
   to its longest member, not to 1024 tokens: same numbers, less work.
@@ -16,7 +16,7 @@ Deliberate differences from upstream (see README):
 - Checkpoints load with `torch.load(weights_only=True)`; the Python RNG state is a tuple of ints.
 - Checkpoints written by train_extension.py also record the model family, the base model's title and its
   label count (`checkpoint_info`); upstream's, which lack them, are JTP-3 checkpoints.
-- CPU training works: the optimizer has a plain-PyTorch path next to the Triton kernel (hydra/optim.py).
+- CPU training works: the optimizer has a plain-PyTorch path next to the Triton kernel (hydra/train/optim.py).
 
 Shape legend: B = images, S = tokens (padded), N = valid tokens of one image, D = backbone width,
 H = attention heads, E = head dim, A = H * E, T = validation thresholds.
@@ -52,13 +52,13 @@ if TYPE_CHECKING:
 KEY_FAMILY, KEY_MODEL_TITLE, KEY_MODEL_LABELS = "family", "model_title", "model_labels"
 UPSTREAM_FAMILY = "jtp3"  # upstream's trainer only trains JTP-3, and its checkpoints name no family
 
-# Sanity checks (spec §7.4), skipped with --force.
+# Upstream's sanity checks on the dataset, skipped with --force.
 MIN_TRAIN, MIN_VAL, MIN_EFFECTIVE_BATCH = 100, 40, 16
 MIN_RATIO, MAX_RATIO = 0.25, 1.5  # positives / negatives
 
 
 # ---------------------------------------------------------------------------------------------------
-# Dataset split and epoch sampling (spec §7.4)
+# Dataset split and epoch sampling
 
 
 def split_dataset(items: Sequence[Item], n_val: int, rng: random.Random) -> tuple[list[Item], list[Item]]:
@@ -121,7 +121,7 @@ def collate_features(features: Sequence[Tensor], device: torch.device | str,
 
 
 # ---------------------------------------------------------------------------------------------------
-# Train and validate (spec §7.5, §7.6)
+# Train and validate
 
 
 def validation_thresholds(n: int) -> Tensor:
@@ -282,7 +282,7 @@ def fit(head: nn.Module, optimizer: Any, train: Sequence[Item], val: Sequence[It
 
 
 # ---------------------------------------------------------------------------------------------------
-# Checkpoints (spec §7.7)
+# Checkpoints (their format: docs/formats.md)
 
 
 def checkpoint_name(epoch: int, when: float | None = None) -> str:

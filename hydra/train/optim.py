@@ -345,7 +345,5 @@ class AdamWScheduleFree(torch.optim.Optimizer):
                     self.state[p][key] = state_dict["state"][i][key].to(device=p.device, dtype=torch.float32)
 
 
-AdamWSFSR = AdamWScheduleFree  # upstream's name (optimizer.bf16sr_adamwsf.AdamWSFSR)
-
-__all__ = ["AdamWScheduleFree", "AdamWSFSR", "HAS_TRITON", "IMPLS", "TRITON_REASON",
+__all__ = ["AdamWScheduleFree", "HAS_TRITON", "IMPLS", "TRITON_REASON",
            "schedule_free_eval_point", "stochastic_round_bf16"]

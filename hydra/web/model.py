@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from hydra.bulk.loader import describe_error
+from hydra.models.family import DEFAULT_TOPK
 from hydra.models.vocab import E621_CATEGORY_NAMES, UNASSIGNED
 from hydra.tagger import Tagger
 from hydra.tags.rules import (
@@ -38,7 +39,6 @@ from hydra.tags.rules import (
 # What the UI and the API accept; every request is validated against these.
 THRESHOLD_MIN, THRESHOLD_MAX = -1.0, 1.0  # symmetric scale s = 2p - 1
 DEFAULT_THRESHOLD = 0.30     # the original WebUI's default (s >= 0.30, i.e. p >= 0.65)
-DEFAULT_TOPK = 30            # the top-k slider's start for families whose default selection is a threshold
 SOURCE_SLIDER = "Threshold slider"
 SOURCE_DEFAULT = "calibration.csv"
 SOURCE_UPLOAD = "Uploaded calibration"

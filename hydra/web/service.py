@@ -199,7 +199,7 @@ class WebService:
         threshold, topk, metric = fields.get("threshold"), fields.get("topk"), _optional_str(fields, "metric")
         given = [name for name, v in (("threshold", threshold), ("topk", topk), ("metric", metric)) if v not in (None, "")]
         if len(given) > 1:
-            raise UserError(f"Give one of 'threshold', 'topk' and 'metric', not {' and '.join(map(repr, given))}.")
+            raise UserError(f"Give either 'threshold' or 'topk' or 'metric', not {' and '.join(map(repr, given))}.")
         source = {"threshold": SOURCE_SLIDER, "topk": SOURCE_TOPK, "metric": SOURCE_MODEL}.get(
             given[0] if given else "", model.default_source)
         exclude = fields.get("exclude") or []
