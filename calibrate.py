@@ -1,7 +1,9 @@
 """Choose a threshold per tag from validation counts, and write them as a calibration CSV for inference.
 
 The validation data (`data/jtp-3-hydra-val.csv`, ~42 MB) is downloaded from RedRocket/JTP-3 on first use.
-Extensions in `extensions/jtp-3-hydra` are calibrated too, from the counts stored in each file.
+Extensions in `extensions/jtp-3-hydra` are calibrated too, from the counts stored in each file. For Hydra 3.5
+(`-M hydra-3.5`) the counts come from the model file itself (and its extensions), with upstream's defaults
+(`f1.0@0.1`, no recall floor).
 `--from-dataset DIR` counts on your own tagged images instead (see hydra/calibration/sidecars.py for the rules).
 
     python calibrate.py                                  # CTI, default filters -> calibration.csv
@@ -9,6 +11,7 @@ Extensions in `extensions/jtp-3-hydra` are calibrated too, from the counts store
     python calibrate.py -R 0.2 0.9 -x "3d_(artwork)" -o -  # limit the range, drop a tag, print to stdout
     python calibrate.py --plot canine feline             # also draw calibration-plots/canine.png, ...
     python calibrate.py --from-dataset my_images/ -b 8   # your images + .txt/.json tags -> calibration.csv
+    python calibrate.py -M hydra-3.5 -m f0.5 -o cal.csv  # Hydra 3.5's embedded counts, another metric
 """
 
 from __future__ import annotations

@@ -137,6 +137,10 @@ def main(args: argparse.Namespace) -> int:
 
     scan_errors: list[str] = []
     paths = list(iter_images(args.paths, args.recursive, scan_errors))
+    if not paths and not scan_errors:  # a wrong folder should not look like a finished overnight run
+        log(f"error: no image files found in {', '.join(args.paths)}"
+            + ("" if args.recursive else " (-r also searches sub-folders)"))
+        return 1
     skipped = 0
     captions = not (args.output or args.format)
     if args.existing not in (None, "overwrite") and not captions:

@@ -230,32 +230,40 @@ def load_run(args: argparse.Namespace) -> tuple[Tagger, TagSettings]:
     threshold = parse_threshold(threshold_arg or DEFAULT_THRESHOLD, rewrite)
     if isinstance(threshold, dict):
         log(f"Loading '{threshold_arg}' ... {len(threshold)} tags")
-    exclude = parse_categories([*flag("exclude", []), *flag("exclude_category", [])])
+    exclude = [*flag("exclude", []), *flag("exclude_category", [])]
     exclude_tags = [rewrite(t) for t in spelling.collect_tags(flag("exclude_tag", []), flag("exclude_tags", []))]
     groups = spelling.collect_groups(flag("exclusive_group", []), flag("exclusive_groups", []))
     aliases = {rewrite(k): v for k, v in spelling.collect_aliases(flag("alias", []), flag("aliases", [])).items()}
     if metadata is not None:  # checked before the model loads when the model cannot change the answer
+        exclude = parse_categories(exclude, metadata.names.values())
         _check_metadata_needs(args, metadata, exclude)
 
     extensions = find_extensions(args, family)
     log(f"Loading '{model_path}' ...", end="")
-    tagger = tagger_from_args(args, model_path, family, extensions)
+    try:
+        tagger = tagger_from_args(args, model_path, family, extensions)
+    except BaseException:
+        log("")  # end the "Loading ..." line, so the error gets a line of its own
+        raise
     log(f" {len(tagger.labels)} tags ({tagger.device}, {tagger.dtype_reason})")
     labels = [rewrite(t) for t in tagger.labels]
-    if metadata is None and tagger.model.tag_metadata is not None:  # a vocabulary's categories, Hydra 3.5's data
+    own_metadata = metadata is None and tagger.model.tag_metadata is not None
+    if own_metadata:  # a vocabulary's categories, Hydra 3.5's data (its extensions already merged in)
         own = tagger.model.tag_metadata
         metadata = TagMetadata({rewrite(t): c for t, c in own.category.items()},
-                               {rewrite(t): tuple(map(rewrite, i)) for t, i in own.implies.items()})
+                               {rewrite(t): tuple(map(rewrite, i)) for t, i in own.implies.items()}, own.names)
+    exclude = parse_categories(exclude, metadata.names.values() if metadata is not None else ())
     _check_metadata_needs(args, metadata, exclude)
     if threshold_arg is None and family.calibration == CALIBRATION_EMBEDDED:
         threshold = embedded_calibration(labels, tagger.model.validation, metric)
         log(f"Calibrating with {metric}: {len(threshold)} of {len(labels)} tags can be output.")
     for ext in tagger.model.extensions:
         label = rewrite(ext.label)
-        if metadata is not None:
+        if metadata is not None and not own_metadata:
             metadata.add(label, CATEGORIES.get(ext.category, UNKNOWN_CATEGORY), (rewrite(t) for t in ext.implies))
         if not isinstance(threshold, dict) or label in threshold:
-            log(f"Using tag '{label}' ({ext.category}) from extension '{ext.path}'.")
+            shown = category_names([label], metadata)[0] if metadata is not None else ext.category
+            log(f"Using tag '{label}' ({shown}) from extension '{ext.path}'.")
         else:
             log(f"Ignoring tag '{label}' from uncalibrated extension '{ext.path}'.")
     has_implications = metadata is not None and any(metadata.implies.values())

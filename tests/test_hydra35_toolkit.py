@@ -240,3 +240,37 @@ def test_calibrate_writes_the_embedded_calibration(model, tagger, tmp_path):
     assert set(got) == set(expected)
     for tag, thr in expected.items():  # %.4f of the chosen grid value, minus the CSV's epsilon
         assert math.isclose(got[tag], round(thr - 0.0001, 4), abs_tol=1e-9), tag
+
+
+def test_a_replacing_extension_keeps_the_tags_category_and_implications(model, images, tmp_path):
+    from hydra.testing.hydra35 import write_hydra35_extension
+
+    ext = write_hydra35_extension(tmp_path / "ext" / "fox.safetensors", "fox", category=None, seed=5)
+    run = cli("-M", model, "--dtype", "fp32", "-w", "0", "-e", ext, "-t", "-1", "--format", "tags",
+              images / "img0.png", check_rc=0)
+    assert "Using tag 'fox' (species)" in run.stderr
+    assert "fox" in run.stdout.split(", ")
+    run = cli("-M", model, "--dtype", "fp32", "-w", "0", "-e", ext, "-t", "-1", "-C", "species", "--format", "tags",
+              images / "img0.png", check_rc=0)
+    assert not {"fox", "canine", "mammal"} & set(run.stdout.strip().split(", "))
+
+
+def test_a_category_beyond_e621s_is_matched_by_name(images, tmp_path):
+    path = write_hydra35_model(tmp_path / "own.safetensors", ["plain", "odd_tag"], categories=["general", "foo"],
+                               seed=2)
+    pic = tmp_path / "pic.png"
+    pic.write_bytes((images / "img0.png").read_bytes())
+    cli("-M", path, "--dtype", "fp32", "-w", "0", "-t", "-1", "-B", "foo", "FOO:", "--", pic, check_rc=0)
+    assert set(pic.with_suffix(".txt").read_text(encoding="utf-8").split(", ")) == {"plain", "FOO:odd tag"}
+    run = cli("-M", path, "--dtype", "fp32", "-w", "0", "-t", "-1", "-C", "foo", "--format", "tags",
+              images / "img0.png", check_rc=0)
+    assert run.stdout.strip() == "plain"
+    run = cli("-M", path, "--dtype", "fp32", "-w", "0", "-C", "bar", images / "img0.png", check_rc=2)
+    assert "unknown category 'bar'; choose from general" in run.stderr and " foo " in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_an_empty_folder_is_an_error(model, tmp_path):
+    (tmp_path / "empty").mkdir()
+    run = cli("-M", model, "-w", "0", tmp_path / "empty", check_rc=1)
+    assert run.stderr.strip().splitlines()[-1].startswith("error: no image files found in ")

@@ -75,6 +75,8 @@ GPU_CHUNK_ROWS = jtp3_head.GPU_CHUNK_ROWS
 _MID_BLOCK_KEY = re.compile(r"mid_blocks\.(\d+)\.")
 
 
+OWN_CATEGORY_IDS = 100  # category ids for the names a file uses beyond e621's (e621's are 0..8)
+
 @dataclass(frozen=True)
 class Hydra2Cfg:
     """Pool dimensions, all derived from the file's tensor shapes (`from_state`)."""
@@ -290,14 +292,18 @@ class Hydra35Model(NaFlexTagModel):
 
     @property
     def tag_metadata(self) -> TagMetadata:
-        """Categories (as e621 ids; unknown names -1) and direct implications, as the file lists them."""
+        """Categories (e621 ids; any other name the file uses gets an id of its own, in `names`) and direct
+        implications, as the file lists them."""
         from hydra.models.vocab import E621_CATEGORY_NAMES, UNASSIGNED
         from hydra.tags.rules import TagMetadata
 
         ids = {name: i for i, name in E621_CATEGORY_NAMES.items() if i != UNASSIGNED}
         meta = TagMetadata()
         for tag, category, implied in zip(self.labels, self.categories, self.implies):
-            meta.add(tag, ids.get(category, UNASSIGNED), implied)
+            if category not in ids:  # upstream accepts any string as a category; -B and -C match it by name
+                ids[category] = OWN_CATEGORY_IDS + len(meta.names)
+                meta.names[ids[category]] = category
+            meta.add(tag, ids[category], implied)
         return meta
 
     @property

@@ -84,6 +84,7 @@ class TagMetadata:
 
     category: dict[str, int] = field(default_factory=dict)
     implies: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    names: dict[int, str] = field(default_factory=dict)  # ids of categories beyond e621's (a model's own names)
 
     def add(self, tag: str, category: int, implies: Iterable[str] = ()) -> None:
         self.category[tag] = category
@@ -172,18 +173,21 @@ def category_vector(labels: Sequence[str], metadata: TagMetadata | None) -> np.n
     return np.array([cats.get(t, UNKNOWN_CATEGORY) for t in labels], dtype=np.int64)
 
 
-def parse_categories(names: Iterable[str]) -> list[str]:
-    """Category names (as given to `-x`) checked against the choices (categories and subcategories)."""
-    names = list(names)
+def parse_categories(names: Iterable[str], extra: Iterable[str] = ()) -> list[str]:
+    """Category names (as given to `-x`) checked against the choices: e621's categories, the subcategories, and
+    `extra` (categories a model names beyond e621's)."""
+    names, extra = list(names), list(extra)
+    choices = [*CATEGORIES, *(c for c in extra if c not in CATEGORIES), *SUBCATEGORIES]
     for name in names:
-        if name not in CATEGORIES and name not in SUBCATEGORIES:
-            raise ValueError(f"unknown category {name!r}; choose from {' '.join([*CATEGORIES, *SUBCATEGORIES])}")
+        if name not in choices:
+            raise ValueError(f"unknown category {name!r}; choose from {' '.join(choices)}")
     return names
 
 
 def category_names(labels: Sequence[str], metadata: TagMetadata | None) -> list[str]:
     """Category name per model tag ("unassigned" for tags the metadata does not know)."""
-    return [CATEGORY_NAMES.get(int(i), "unassigned") for i in category_vector(labels, metadata)]
+    names = {**CATEGORY_NAMES, **metadata.names} if metadata is not None else CATEGORY_NAMES
+    return [names.get(int(i), "unassigned") for i in category_vector(labels, metadata)]
 
 
 @dataclass
