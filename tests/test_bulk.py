@@ -5,6 +5,10 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
+
 from hydra.bulk.run import Summary, caption_path, iter_images
 
 
@@ -34,3 +38,24 @@ def test_caption_path_replaces_the_extension():
 def test_summary_line():
     assert Summary(tagged=1).line() == "Tagged 1 image, 0 failed."
     assert Summary(tagged=3, failed=2, skipped=4).line() == "Tagged 3 images, 4 skipped, 2 failed."
+
+
+def test_a_csv_with_a_failed_write_is_not_committed(tmp_path, capsys):
+    import errno
+
+    import numpy as np
+
+    from hydra.bulk.run import CsvSink
+
+    sink = CsvSink(str(tmp_path / "p.csv"), ["a", "b"])
+    sink.write("one.png", np.array([0.1, 0.2], np.float32))
+
+    class Full:
+        def writerow(self, row):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    sink._csv = Full()  # the disk fills up in the middle of the run
+    with pytest.raises(OSError):
+        sink.write("two.png", np.array([0.3, 0.4], np.float32))
+    sink.close(ok=True)  # the run itself finished: the file must still not appear, half written
+    assert os.listdir(tmp_path) == [] and "p.csv was not written" in capsys.readouterr().err

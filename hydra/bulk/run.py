@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from hydra.bulk.batching import group_by_length
 from hydra.bulk.loader import ImageLoader, LoadError
-from hydra.common import AtomicFile, atomic_write
+from hydra.common import AtomicFile, atomic_write, log
 from hydra.tags.rules import CaptionFormat, TagRules, ranked
 
 if TYPE_CHECKING:
@@ -187,6 +187,7 @@ class CsvSink:
         self._file = None if target == "-" else AtomicFile(target, "w", encoding="utf-8", newline="",
                                                              errors="surrogateescape")
         self._out = sys.stdout if self._file is None else self._file.file
+        self._target, self._broken = target, False
         self._csv = csv.writer(self._out)
         if self._file is not None or header_on_stdout:
             self._csv.writerow(["filename", *labels])
@@ -195,13 +196,22 @@ class CsvSink:
         return None
 
     def write(self, path: str, probs: np.ndarray) -> None:
-        self._csv.writerow([path, *(f"{p:.4f}" for p in probs.tolist())])
-        if self._file is None:
-            self._out.flush()
+        try:
+            self._csv.writerow([path, *(f"{p:.4f}" for p in probs.tolist())])
+            if self._file is None:
+                self._out.flush()
+        except OSError:
+            self._broken = True  # part of a row may be in the buffer: the file can no longer be trusted
+            raise
 
     def close(self, ok: bool) -> None:
         if self._file is not None:
-            self._file.commit() if ok else self._file.discard()
+            if ok and not self._broken:
+                self._file.commit()
+            else:
+                self._file.discard()
+                if self._broken:
+                    log(f"error: {self._target} was not written, since writing it failed")
             self._file = None
 
 
