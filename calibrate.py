@@ -27,6 +27,7 @@ from hydra import cli
 from hydra.calibration import thresholds as calibration
 from hydra.calibration import validation_csv
 from hydra.cli import positive_int
+from hydra.common import atomic_write
 from hydra.hub import DownloadError
 from hydra.models import get as get_family
 from hydra.models.family import Family
@@ -273,13 +274,14 @@ def main(args: argparse.Namespace) -> int:
         if args.output == "-":
             calibration.write_calibration(sys.stdout, choices, metric)
         else:
-            with open(args.output, "w", newline="", encoding="utf-8") as f:
+            with atomic_write(args.output, "w", newline="") as f:  # never half a calibration
                 calibration.write_calibration(f, choices, metric)
         if args.plot:
             os.makedirs(args.plot_dir, exist_ok=True)
         for tag in args.plot:
             path = plot_file(args.plot_dir, tag)
-            calibration.plot_curve(path, tag, curves[tag], options["metric"], choices.get(tag))
+            with atomic_write(path, "wb") as f:
+                calibration.plot_curve(f, tag, curves[tag], options["metric"], choices.get(tag))
             print(f"Saved plot '{path}'.", file=sys.stderr)
     except (ValueError, OSError, NotImplementedError, DownloadError) as e:
         print(f"calibrate.py: error: {e}", file=sys.stderr)

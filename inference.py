@@ -17,7 +17,7 @@ import sys
 from hydra import cli
 from hydra.bulk import distributed, interactive
 from hydra.bulk.run import EXISTING, FORMATS, CaptionSink, CsvSink, PrintSink, caption_path, iter_images, run_bulk
-from hydra.common import log
+from hydra.common import exit_quietly_on_broken_pipe, log
 from hydra.hub import DownloadError
 from hydra.images.decode import is_url
 from hydra.models.checkpoint import CheckpointError
@@ -187,3 +187,5 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         log("Interrupted.")
         sys.exit(130)
+    except BrokenPipeError:  # `-o - | head`: the reader has gone; stop at once, quietly
+        exit_quietly_on_broken_pipe()

@@ -7,13 +7,15 @@ Everything a user reads while a run is going goes to stderr; stdout is kept for 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import signal
 import stat
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
     import torch
@@ -26,6 +28,16 @@ DTYPE_NAMES = ("bf16", "fp32", "fp16")
 def log(*parts: object, end: str = "\n") -> None:
     """Print a progress or status line to stderr."""
     print(*parts, file=sys.stderr, end=end, flush=True)
+
+
+def exit_quietly_on_broken_pipe() -> NoReturn:
+    """Stdout's reader has gone (`inference.py -o - | head -1`): stop without a traceback or more messages, with
+    the status of a process that SIGPIPE ended (128 + 13), as a C tool would have. Stdout is pointed at the null
+    device first, so Python's own flush at exit cannot fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+    sys.exit(128 + getattr(signal, "SIGPIPE", 13))
 
 
 def default_device() -> str:
@@ -75,20 +87,35 @@ def choose_dtype(device: str | torch.device, requested: str | None = None) -> tu
     return torch.float32, "fp32 (CPU lacks native bf16; fp32 is faster there)"
 
 
+def new_file_mode() -> int:
+    """What a newly created file gets: 0666 minus the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def target_mode(path: str | os.PathLike) -> int:
+    """The permissions a file written at `path` should end with: those of the regular file it replaces, else
+    what any new file gets (never a folder's or a device's mode)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return new_file_mode()
+    return stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else new_file_mode()
+
+
 def temp_beside(path: str | os.PathLike) -> tuple[int, str]:
     """A new hidden temporary file in `path`'s folder, with the permissions `path` will need.
 
     `mkstemp` creates files readable by their owner only; a caption or model file should get what any new
-    file gets (0666 minus the umask), or keep the mode of the file it replaces.
+    file gets (0666 minus the umask), or keep the mode of the regular file it replaces.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    mode = target_mode(path)
     try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # a missing or read-only folder: say which file could not be written
+        raise _naming(e, path) from None
     try:
         os.chmod(tmp, mode)
     except OSError:  # e.g. a file system without Unix permissions: keep what mkstemp gave
@@ -101,22 +128,33 @@ def write_target(path: str | os.PathLike) -> tuple[Path, bool]:
 
     A symlink is followed (the link stays, its target gets the new content). Only a regular file, or a file
     that does not exist yet, is replaced by a rename: renaming over a FIFO or a device (`/dev/stdout`) would
-    replace it with a regular file, so those are written directly.
+    replace it with a regular file, so those are written directly. A folder is refused (IsADirectoryError
+    naming it) before anything is created.
     """
     target = Path(os.path.realpath(path))
     try:
         st = os.stat(target)
     except FileNotFoundError:
         return target, False
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", os.fspath(path))
     return target, not stat.S_ISREG(st.st_mode)
+
+
+def _naming(e: OSError, path: str | os.PathLike) -> OSError:
+    """`e` about `path` rather than about our hidden temporary file (whose name means nothing to a user)."""
+    if e.errno is None:
+        return e
+    return type(e)(e.errno, e.strerror, os.fspath(path))
 
 
 class AtomicFile:
     """A hidden temporary file beside `path` that becomes `path` on `commit()`, or vanishes on `discard()`.
 
     The temporary name starts with a dot, so folder scans skip it even while it exists. A FIFO or device is
-    written directly instead (`write_target`). A write error, even one that only shows when the file is
-    closed (a full disk), removes the temporary file and leaves `path` as it was.
+    written directly instead, a folder is refused (`write_target`). Every failure (of the write, of the close
+    that flushes it, e.g. a full disk, or of the rename) removes the temporary file and leaves `path` as it
+    was; errors name `path`, not the temporary file.
     """
 
     def __init__(self, path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8",
@@ -124,18 +162,27 @@ class AtomicFile:
         self.path, direct = write_target(path)
         binary = "b" in mode
         text = {} if binary else {"encoding": encoding, "newline": newline, "errors": errors}
+        self.tmp: str | None = None
         if direct:
-            self.tmp = None
             self.file = open(self.path, mode, **text)
-        else:
-            fd, self.tmp = temp_beside(self.path)
+            return
+        fd, self.tmp = temp_beside(self.path)
+        try:
             self.file = os.fdopen(fd, mode, **text)
+        except BaseException:
+            with contextlib.suppress(OSError):  # io.open may have closed it already
+                os.close(fd)
+            os.unlink(self.tmp)
+            raise
 
     def commit(self) -> None:
         try:
             self.file.close()  # flushes: a short write raises here, before anything is renamed
             if self.tmp is not None:
                 os.replace(self.tmp, self.path)
+        except OSError as e:
+            self.discard()
+            raise _naming(e, self.path) from None
         except BaseException:
             self.discard()
             raise

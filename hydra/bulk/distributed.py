@@ -27,6 +27,7 @@ filesystem) and have the project's requirements installed. Ray is imported only 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -44,7 +45,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hydra.bulk.loader import ImageLoader
-from hydra.bulk.run import CaptionSink, CsvSink, PrintSink, Summary
+from hydra.bulk.run import CaptionSink, CsvSink, OutputError, PrintSink, SkipImage, Summary, write_reason
 from hydra.cli import positive_int
 from hydra.common import AtomicFile, atomic_write, log
 from hydra.images.decode import is_url
@@ -184,16 +185,28 @@ def write_shard(folder: str, fmt: str, labels: Sequence[str], rows: Sequence[tup
     Returns the shard's name.
     """
     name = f"part-{uuid.uuid4().hex[:16]}.{fmt}"
+    index = os.path.join(folder, INDEX_DIR, name + ".json")
     sink = SHARD_SINKS[fmt](os.path.join(folder, name), labels)
     ok = False
     try:
-        for path, _, probs in sorted(rows, key=lambda r: r[0]):
-            sink.write(path, probs)
-        with atomic_write(os.path.join(folder, INDEX_DIR, name + ".json"), "w") as f:
-            json.dump([file for _, file, _ in rows], f)
-        ok = True
+        try:
+            for path, _, probs in sorted(rows, key=lambda r: r[0]):
+                sink.write(path, probs)
+            with atomic_write(index, "w") as f:
+                json.dump([file for _, file, _ in rows], f)
+            ok = True
+        finally:
+            sink.close(ok)  # the shard's commit (or its removal)
+    except OutputError as e:  # a CSV shard's own error: the OSError under it is what callers handle
+        ok = False
+        raise (e.error or OSError(str(e))) from None
+    except BaseException:
+        ok = False
+        raise
     finally:
-        sink.close(ok)
+        if not ok:  # nothing of a failed shard stays, not even its index
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(index)
     return name
 
 
@@ -258,22 +271,31 @@ def write_captions(batch: dict[str, np.ndarray], sink: CaptionSink) -> dict[str,
         if not error:
             try:
                 sink.write(os.fsdecode(batch["file"][i]), batch["probs"][i])
+            except SkipImage as e:
+                errors[i] = str(e)
             except OSError as e:
-                errors[i] = f"cannot write output ({e.strerror or e})"
+                errors[i] = f"cannot write output ({write_reason(e)})"
     return {"path": batch["path"], "error": _objects(errors)}
 
 
 def write_shards(batch: dict[str, np.ndarray], folder: str, fmt: str, labels: list[str]) -> dict[str, np.ndarray]:
+    """One shard per batch. A file name the format cannot store fails the shard's rows; a write error (a full
+    disk) fails them too and sets `stop`: the driver stops the run (tagging on would only produce lost work)."""
     errors = list(batch["error"])
+    stop = np.zeros(len(errors), bool)
     ok = [i for i, e in enumerate(errors) if not e]
     if ok:
         rows = [(os.fsdecode(batch["path"][i]), os.fsdecode(batch["file"][i]), batch["probs"][i]) for i in ok]
         try:
             write_shard(folder, fmt, labels, rows)
-        except (OSError, ValueError) as e:  # ValueError: a file name Parquet cannot store (not UTF-8)
+        except OSError as e:
             for i in ok:
-                errors[i] = f"cannot write output ({e.strerror or e})"
-    return {"path": batch["path"], "error": _objects(errors)}
+                errors[i] = f"cannot write a shard in '{folder}' ({e.strerror or e})"
+            stop[ok] = True
+        except ValueError as e:  # a file name Parquet cannot store (not UTF-8)
+            for i in ok:
+                errors[i] = f"cannot write output ({e})"
+    return {"path": batch["path"], "error": _objects(errors), "stop": stop}
 
 
 def _objects(values: list) -> np.ndarray:
@@ -306,6 +328,8 @@ def run(args: argparse.Namespace, paths: Sequence[str], tagger: Tagger, settings
     except (OSError, ValueError) as e:
         log(f"error: {e}")
         return 2
+    for path, reason in plan.refused.items():
+        summary.fail(path, reason)
     ok = True
     if plan.todo:
         owned = not ray.is_initialized()  # a caller (or a test) may have connected already
@@ -337,7 +361,9 @@ class _Plan:
             raise ValueError(f"with --ray, -d is 'cpu' or 'cuda' (Ray gives each actor its GPU), not {args.device!r}")
         self.labels, self.rules, self.captions = settings.labels, settings.rules(), settings.captions
         self.stdout_sink: CsvSink | PrintSink | None = None
+        self.caption_sink: CaptionSink | None = None
         self.folder: str | None = None
+        self.refused: dict[str, str] = {}  # inputs that get no output, with the reason
         done: set[str] = set()
         if args.output == "-":
             self.stdout_sink, self.needed = CsvSink("-", self.labels, header_on_stdout), None
@@ -350,7 +376,10 @@ class _Plan:
             raise ValueError("URLs have no folder to write a caption into; use --format or -o with URL inputs")
         else:
             self.needed = self.rules.active()
-        items = [(p, p if is_url(p) else os.path.abspath(p)) for p in paths]
+            self.caption_sink = CaptionSink(self.rules, self.captions, args.prefix, args.shuffle,
+                                            append=getattr(args, "existing", "") == "append")
+            self.refused = self.caption_sink.refuse(paths)  # a caption over an input, or two images' caption
+        items = [(p, p if is_url(p) else os.path.abspath(p)) for p in paths if p not in self.refused]
         self.todo = [(p, f) for p, f in items if f not in done]
         self.resumed = len(items) - len(self.todo)
 
@@ -433,32 +462,43 @@ def _execute(plan: _Plan, args: argparse.Namespace, pool: tuple[int, dict[str, f
         ds = ds.map_batches(write_shards, fn_kwargs={"folder": plan.folder, "fmt": args.shard_format,
                                                      "labels": plan.labels},
                             batch_size=args.shard_rows, batch_format="numpy")
-    elif plan.stdout_sink is None:
-        sink = CaptionSink(plan.rules, plan.captions, args.prefix, args.shuffle,
-                           append=getattr(args, "existing", "") == "append")
+    elif plan.caption_sink is not None:
         # batch_size=None: each model batch is written as it comes (no waiting for more rows)
-        ds = ds.map_batches(write_captions, fn_kwargs={"sink": sink}, batch_size=None, batch_format="numpy")
+        ds = ds.map_batches(write_captions, fn_kwargs={"sink": plan.caption_sink}, batch_size=None,
+                            batch_format="numpy")
 
     bar = tqdm(total=len(items), unit="img", file=sys.stderr, dynamic_ncols=True)
-    ok = False
+    ok, handled = False, 0
     try:
-        for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for i, (path, error) in enumerate(zip(out["path"], out["error"])):
-                path = os.fsdecode(path)
-                if error:
-                    summary.fail(path, error, bar)
-                    continue
-                if plan.stdout_sink is not None:
-                    plan.stdout_sink.write(path, out["probs"][i])
-                summary.tagged += 1
-            bar.update(len(out["path"]))
-        ok = True
+        try:
+            for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                if "stop" in out and out["stop"].any():  # the shard folder cannot be written: stop now
+                    reason = out["error"][int(np.argmax(out["stop"]))]
+                    raise OutputError(f"{reason}; the run stopped. Finished shards are kept: rerun the same "
+                                      "command to do the rest", lost=False)
+                for i, (path, error) in enumerate(zip(out["path"], out["error"])):
+                    path = os.fsdecode(path)
+                    if error:
+                        summary.fail(path, error, bar)
+                    else:
+                        if plan.stdout_sink is not None:
+                            plan.stdout_sink.write(path, out["probs"][i])
+                        summary.tagged += 1
+                    handled += 1
+                bar.update(len(out["path"]))
+            ok = True
+        finally:
+            bar.close()
+            if plan.stdout_sink is not None:
+                plan.stdout_sink.close(ok)
+    except OutputError as e:  # stdout or the shard folder: tagging on would only produce lost work
+        log(f"error: {e}")
+        summary.failed += len(items) - handled
+        summary.stopped, ok = True, False
+    except BrokenPipeError:
+        raise  # stdout's reader has gone (`-o - | head`): inference.py exits quietly
     except Exception as e:  # a Ray failure (a lost node, an actor that cannot load): one line, then exit 1
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        bar.write(f"error: the Ray run failed: {first}", file=sys.stderr)
-        bar.write("Finished outputs are kept: rerun the same command to do the rest.", file=sys.stderr)
-    finally:
-        bar.close()
-        if plan.stdout_sink is not None:
-            plan.stdout_sink.close(ok)
+        log(f"error: the Ray run failed: {first}")
+        log("Finished outputs are kept: rerun the same command to do the rest.")
     return ok

@@ -10,19 +10,23 @@ With `workers=0` everything runs in the calling process (handy for a few files, 
 
 Samples are dicts of numpy arrays. With shared memory on (the default), a worker copies each array into a
 `multiprocessing.shared_memory` block and sends only its name; the parent copies it out and frees the
-block. Workers never import torch, so they start in a fraction of a second.
+block. Blocks of a killed run are removed (`sweep_stale_blocks`). Workers never import torch, so they start in
+a fraction of a second.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import multiprocessing as mp
 import os
+import re
+import secrets
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -58,7 +62,55 @@ def describe_error(e: BaseException) -> str:
     return f"{text} ({type(e).__name__})" if text else type(e).__name__
 
 
-def _worker(conn: Connection, fn: Callable[[Any], dict], share_memory: bool) -> None:
+# Shared memory blocks are named `hydra<pid namespace>_<owner pid>_<random>`: the owner is the process that reads
+# and frees them. Blocks in flight stay registered with multiprocessing's resource tracker (which the spawned
+# workers share with their parent), so it removes them if the whole run dies at once; and should the tracker
+# die too (`kill -9` of the process group, the OOM killer), the next loader start removes the blocks of owners
+# that no longer run (`sweep_stale_blocks`).
+SHM_PREFIX = "hydra"
+SHM_FOLDER = "/dev/shm"
+
+
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino  # pids are only comparable within one namespace
+    except OSError:
+        return 0
+
+
+def _block_name(owner: int) -> str:
+    return f"{SHM_PREFIX}{_pid_namespace()}_{owner}_{secrets.token_hex(4)}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it runs, as another user
+        return True
+    return True
+
+
+def sweep_stale_blocks(folder: str = SHM_FOLDER) -> list[str]:
+    """Remove our shared memory blocks whose owner no longer runs (a run killed with `kill -9`); returns
+    their names. Only names of this module's pattern, from this pid namespace, are ever touched."""
+    pattern = re.compile(rf"{SHM_PREFIX}{_pid_namespace()}_(\d+)_[0-9a-f]+")
+    try:
+        names = os.listdir(folder)
+    except OSError:  # no /dev/shm (macOS, Windows): nothing to list
+        return []
+    removed = []
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
+                removed.append(name)
+    return removed
+
+
+def _worker(conn: Connection, fn: Callable[[Any], dict], share_memory: bool, owner: int = 0) -> None:
     # Ctrl-C reaches the whole process group; the parent decides how to stop, workers just get told.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:
@@ -71,7 +123,7 @@ def _worker(conn: Connection, fn: Callable[[Any], dict], share_memory: bool) -> 
         try:
             out: Any = fn(item)
             if share_memory:
-                out = {k: _to_shm(v) if isinstance(v, np.ndarray) else v for k, v in out.items()}
+                out = {k: _to_shm(v, owner) if isinstance(v, np.ndarray) else v for k, v in out.items()}
         except Exception as e:  # reported per file; the worker lives on
             out = LoadError(describe_error(e))
         try:
@@ -104,11 +156,16 @@ class _Shared:
         shm.unlink()
 
 
-def _to_shm(arr: np.ndarray) -> _Shared:
-    shm = shared_memory.SharedMemory(create=True, size=max(arr.nbytes, 1))
+def _to_shm(arr: np.ndarray, owner: int) -> _Shared:
+    while True:
+        try:
+            shm = shared_memory.SharedMemory(_block_name(owner), create=True, size=max(arr.nbytes, 1))
+            break
+        except FileExistsError:  # 32 random bits taken: draw again
+            continue
+    # Still registered with the resource tracker (shared with the parent, which unregisters it when it frees the
+    # block): if the run is killed, the tracker removes it.
     np.ndarray(arr.shape, arr.dtype, buffer=shm.buf)[...] = arr
-    # The parent frees the block; stop this process's resource tracker from "cleaning it up" at exit.
-    resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
     shm.close()
     return _Shared(shm.name, arr.shape, arr.dtype.str)
 
@@ -124,7 +181,7 @@ class _Slot:
 
     def __init__(self, ctx: Any, fn: Callable, share_memory: bool):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child, fn, share_memory), daemon=True)
+        self.proc = ctx.Process(target=_worker, args=(child, fn, share_memory, os.getpid()), daemon=True)
         saved = {k: os.environ.get(k) for k in _WORKER_ENV}
         os.environ.update(_WORKER_ENV)  # inherited at spawn: no thread oversubscription, no CUDA
         # A spawned child re-runs the parent's main script (to find functions defined there) unless it has no
@@ -189,6 +246,8 @@ class ImageLoader:
         self.fn, self.workers, self.share_memory = fn, workers, share_memory
         self.prefetch, self.timeout = prefetch, timeout
         self._ctx = mp.get_context("spawn")
+        if workers and share_memory:
+            sweep_stale_blocks()  # what a killed run left behind
         self._slots: list[_Slot] = [self._spawn() for _ in range(workers)]
 
     def _spawn(self) -> _Slot:

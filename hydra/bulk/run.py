@@ -11,8 +11,10 @@ import csv
 import errno
 import json
 import os
+import re
+import stat
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
@@ -71,12 +73,22 @@ def _scan(folder: str, recursive: bool, exts: frozenset[str], seen: set, errors:
         name = entry.name
         if name.startswith(".") or name == "__pycache__":
             continue
-        if entry.is_dir():
+        suffix = os.path.splitext(name)[1].lower()
+        image = suffix in exts and suffix not in SKIP_SUFFIXES
+        if not (image or recursive):
+            continue  # neither an image nor a folder to enter: no need to look at it
+        try:
+            is_dir = entry.is_dir()
+        except OSError as e:  # a link to itself (ELOOP), an entry that vanished or cannot be examined
+            report(entry.path, f"skipped: cannot examine it ({e.strerror or e})")
+            if errors is not None:
+                errors.append(entry.path)
+            continue
+        if is_dir:
             if recursive:
                 yield from _scan(entry.path, recursive, exts, seen, errors)
             continue
-        suffix = os.path.splitext(name)[1].lower()
-        if suffix in exts and suffix not in SKIP_SUFFIXES:
+        if image:
             yield entry.path  # dangling links and non-regular files too: the loader reports them
 
 
@@ -92,12 +104,23 @@ class Summary:
     skipped: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
 
+    stopped: bool = False  # an output error ended the run early (`stop`)
+
     def line(self) -> str:
         parts = [f"Tagged {self.tagged} image{'s' * (self.tagged != 1)}"]
         if self.skipped:
             parts.append(f"{self.skipped} skipped")
         parts.append(f"{self.failed} failed")
-        return ", ".join(parts) + "."
+        return ", ".join(parts) + (" (the run stopped: its output could not be written)." if self.stopped else ".")
+
+    def stop(self, total: int, lost: bool) -> None:
+        """The output failed for good after `total` inputs were handed to this run: every input not tagged yet
+        counts as failed, and with `lost` (a CSV that is never committed) the tagged ones too."""
+        remaining = total - self.tagged - self.failed
+        if lost:
+            self.failed, self.tagged = self.failed + self.tagged, 0
+        self.failed += max(remaining, 0)
+        self.stopped = True
 
     def fail(self, path: str, reason: str, bar: tqdm | None = None) -> None:
         """Count a failed input and print its one stderr line."""
@@ -107,18 +130,110 @@ class Summary:
 
 
 EXISTING = ("overwrite", "skip", "append")
+MAX_CAPTION_BYTES = 1 << 20  # an existing caption larger than this is not a caption (7,504 tags take ~150 KB)
+BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
 
 
-def read_caption(path: str) -> str:
-    """An existing caption, whatever its encoding: UTF-8 (with or without BOM), else Windows-1252, else
-    Latin-1 (which accepts any bytes), so an old caption never stops a run."""
-    data = open(path, "rb").read()
-    for encoding in ("utf-8-sig", "cp1252"):
+class SkipImage(Exception):
+    """This image gets no output (and counts as failed); str(e) is the one-line reason."""
+
+
+class OutputError(Exception):
+    """The run's output (an `-o` file, stdout) cannot be written any more: the run stops. str(e) is the line;
+    `lost` says whether the rows already written are lost with it (a CSV file that will not be committed);
+    `error` is the OSError behind it."""
+
+    def __init__(self, message: str, lost: bool, error: OSError | None = None):
+        super().__init__(message)
+        self.lost, self.error = lost, error
+
+
+def write_reason(e: OSError) -> str:
+    """`e` as the reason of a failed write: the system's words and the file (`hydra.common` errors name the
+    file written, not its temporary)."""
+    text = e.strerror or str(e)
+    return f"'{e.filename}': {text}" if e.filename else text
+
+
+def read_caption(path: str, limit: int = MAX_CAPTION_BYTES) -> str:
+    """An existing caption, whatever its encoding.
+
+    A byte-order mark decides (UTF-8, UTF-16 LE or BE); without one, UTF-8, else Windows-1252, else Latin-1
+    (which accepts any bytes), so an old caption never stops a run. Only a regular file is read (a FIFO would
+    block, a device never end), at most `limit` bytes.
+
+    Raises:
+        OSError: the file cannot be read, is not a regular file, is larger than `limit`, or cannot be decoded
+            without losing text (a broken UTF-16 file, NUL bytes of UTF-16 without a mark); strerror says why.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else
+                    "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a special file")
+            raise OSError(errno.EINVAL, f"{kind}, not a regular file", path)
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 16, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit >> 10} KiB, so not a caption", path)
+    data = b"".join(chunks)
+    for bom, encoding in BOMS:
+        if data.startswith(bom):
+            try:
+                return data[len(bom):].decode(encoding)
+            except UnicodeDecodeError:
+                raise OSError(errno.EILSEQ, f"not valid {encoding.upper()} text after its byte-order mark",
+                              path) from None
+    if b"\0" in data:
+        raise OSError(errno.EILSEQ, "holds NUL bytes (UTF-16 without a byte-order mark?), so not a text caption",
+                      path)
+    for encoding in ("utf-8", "cp1252"):
         try:
             return data.decode(encoding)
         except UnicodeDecodeError:
             pass
     return data.decode("latin-1")
+
+
+def _key(path: str) -> str:
+    return os.path.normcase(os.path.realpath(path))
+
+
+def caption_conflicts(targets: Mapping[str, str]) -> dict[str, str]:
+    """Images whose caption must not be written, with the reason, from {image: its caption file}.
+
+    Rules, whatever names the captions (`caption_path` and its options):
+    - a caption file that is one of the images (an image named `pic.txt`, or `a.png` beside an input `a.txt`)
+      is never written;
+    - images sharing one caption file (`a.png` and `a.jpg` -> `a.txt`): the first in sorted order gets it, the
+      others get none (the same image reached by two paths is one image).
+
+    Files are compared by their real paths (symlinks resolved; case-insensitively where the OS is).
+    """
+    images = {_key(image): image for image in targets}
+    refused: dict[str, str] = {}
+    owners: dict[str, tuple[str, str]] = {}  # caption key -> (image key, image) of the image that gets it
+    for image in sorted(targets):
+        caption = targets[image]
+        key, own = _key(caption), _key(image)
+        if key in images:
+            other = images[key]
+            refused[image] = ("its caption would replace the image itself" if key == own else
+                              f"its caption '{caption}' would replace the input image '{other}'")
+            continue
+        first = owners.setdefault(key, (own, image))
+        if first[0] != own:
+            refused[image] = (f"same caption file '{caption}' as '{first[1]}', which gets it (rename one of them "
+                              "to caption both)")
+    return refused
 
 
 def merge_captions(existing: str, new: str, prefix: str = "") -> str:
@@ -146,7 +261,9 @@ def merge_captions(existing: str, new: str, prefix: str = "") -> str:
 class CaptionSink:
     """Writes one `.txt` caption beside each image (atomically, UTF-8, no trailing newline).
 
-    With `append`, an existing caption is kept and only new tags are added to it (`--existing append`).
+    With `append`, an existing caption is kept and only new tags are added to it (`--existing append`); it is
+    read in its own encoding (`read_caption`) and written back as UTF-8 without a byte-order mark.
+    A caption is never written over an input, nor twice in one run (`caption_conflicts`).
 
     Args:
         rules: the run's TagRules (which tags an image gets).
@@ -160,13 +277,26 @@ class CaptionSink:
     def needed_tags(self) -> np.ndarray | None:
         return self.rules.active()
 
+    def target(self, path: str) -> str:
+        """The caption file of the image `path`."""
+        return caption_path(path)
+
+    def refuse(self, paths: Sequence[str]) -> dict[str, str]:
+        """Images of this run that get no caption, with the reason (`caption_conflicts`)."""
+        refused = caption_conflicts({p: self.target(p) for p in paths})
+        return {p: f"cannot write output ({reason})" for p, reason in refused.items()}
+
     def write(self, path: str, probs: np.ndarray) -> None:
         caption = self.captions.caption(self.rules.classify(probs), self.prefix, self.shuffle)
-        target = caption_path(path)
-        if os.path.realpath(target) == os.path.realpath(path):
-            raise OSError(errno.EEXIST, "its caption would replace the image itself, whose name ends in .txt")
+        target = self.target(path)
+        if _key(target) == _key(path):  # also checked for the whole run up front (`refuse`)
+            raise SkipImage("cannot write output (its caption would replace the image itself)")
         if self.append and os.path.exists(target):
-            caption = merge_captions(read_caption(target), caption, self.prefix)
+            try:
+                old = read_caption(target)
+            except OSError as e:
+                raise SkipImage(f"cannot read its existing caption '{target}' ({e.strerror or e})") from None
+            caption = merge_captions(old, caption, self.prefix)
         with atomic_write(target, "w", encoding="utf-8", newline="") as f:
             f.write(caption)
 
@@ -178,8 +308,9 @@ class CsvSink:
     """Raw probabilities of every tag, one row per image (`%.4f`, model order, csv default dialect).
 
     `-o PATH` writes a header row (`filename`, then the tag names) and the rows to PATH, which appears only when
-    the run completes; `-o -` prints the rows to stdout, with the header only for families whose original
-    does so (`header_on_stdout`: Hydra 3.5; JTP-3's original prints none).
+    the run completes; a write error stops the run (OutputError) and PATH is then never written. `-o -` prints
+    the rows to stdout, with the header only for families whose original does so (`header_on_stdout`: Hydra
+    3.5; JTP-3's original prints none).
     """
 
     def __init__(self, target: str, labels: Sequence[str], header_on_stdout: bool = False):
@@ -188,6 +319,7 @@ class CsvSink:
                                                              errors="surrogateescape")
         self._out = sys.stdout if self._file is None else self._file.file
         self._target, self._broken = target, False
+        self._name = "standard output" if target == "-" else f"'{target}'"
         self._csv = csv.writer(self._out)
         if self._file is not None or header_on_stdout:
             self._csv.writerow(["filename", *labels])
@@ -200,19 +332,37 @@ class CsvSink:
             self._csv.writerow([path, *(f"{p:.4f}" for p in probs.tolist())])
             if self._file is None:
                 self._out.flush()
-        except OSError:
-            self._broken = True  # part of a row may be in the buffer: the file can no longer be trusted
-            raise
+        except BrokenPipeError:
+            if self._file is None:
+                raise  # stdout's reader has gone (`| head`): the caller stops quietly
+            self._fail_for_good(BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE)))
+        except OSError as e:
+            # Part of a row may be in the buffer: the file can no longer be trusted, and tagging on would only
+            # produce rows that cannot be kept. Stop the run.
+            self._fail_for_good(e)
+
+    def _fail_for_good(self, e: OSError) -> None:
+        self._broken = True
+        if self._file is None:
+            raise OutputError(f"cannot write to standard output ({e.strerror or e}); the run stopped", False, e)
+        if self._file.tmp is None:  # a FIFO or device, written in place: the rows so far have gone out
+            raise OutputError(f"cannot write {self._name} ({e.strerror or e}); the run stopped", False, e)
+        raise OutputError(f"cannot write {self._name} ({e.strerror or e}); the run stopped and {self._name} was "
+                          "not written", True, e) from None
 
     def close(self, ok: bool) -> None:
+        """Commit the file when the run completed (`ok`), else remove it. Raises OutputError if the commit fails
+        (a full disk shows when the file is closed); nothing is committed then."""
         if self._file is not None:
+            file, self._file = self._file, None
             if ok and not self._broken:
-                self._file.commit()
+                try:
+                    file.commit()
+                except OSError as e:
+                    raise OutputError(f"cannot write {self._name} ({e.strerror or e}); it was not written",
+                                      file.tmp is not None, e) from None
             else:
-                self._file.discard()
-                if self._broken:
-                    log(f"error: {self._target} was not written, since writing it failed")
-            self._file = None
+                file.discard()
 
 
 FORMATS = ("pretty", "tags", "json", "jsonl")
@@ -242,19 +392,41 @@ class PrintSink:
             self._items.append(item)
             return
         if self.fmt == "jsonl":
-            text = json.dumps(item, ensure_ascii=False)
+            text = json_text(item)
         elif self.fmt == "tags":
             text = ", ".join(t for t, _ in ordered)
         else:
             rule = "-" * 60
             lines = [f"{i:>3}. {p:.3f} {'█' * int(p * 20):<20} {t}" for i, (t, p) in enumerate(ordered, 1)]
             text = "\n".join([rule, path, rule, *lines])
-        print(text, file=self.stream, flush=True)
+        self._print(text)
+
+    def _print(self, text: str) -> None:
+        try:
+            print(text, file=self.stream, flush=True)
+        except BrokenPipeError:
+            raise  # the reader has gone (`| head`): the caller stops quietly
+        except OSError as e:
+            raise OutputError(f"cannot write to standard output ({e.strerror or e}); the run stopped", False,
+                              e) from None
 
     def close(self, ok: bool) -> None:
-        if self.fmt == "json":
-            json.dump(self._items, self.stream, indent=2, ensure_ascii=False)
-            print(file=self.stream, flush=True)
+        if self.fmt == "json" and ok:
+            self._print(json_text(self._items, indent=2))
+
+
+def json_text(value: object, indent: int | None = None) -> str:
+    """JSON as UTF-8 text, readable (non-ASCII as is), always valid UTF-8.
+
+    A file name that is not valid UTF-8 reaches Python with surrogate escapes (PEP 383); printed as they are,
+    they would become the name's raw bytes, which is not UTF-8. Here they stay JSON escapes (`"\\udce9"`), which
+    Python's json reads back to the same escapes (`os.fsencode` gives the original bytes), as in shard files.
+    """
+    text = json.dumps(value, ensure_ascii=False, indent=indent)
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def report(path: str, reason: str, bar: tqdm | None = None) -> None:
@@ -270,6 +442,11 @@ def run_bulk(tagger: Tagger, paths: Sequence[str], sink: CaptionSink | CsvSink |
              workers: int = 0, share_memory: bool = True, progress: bool = True) -> Summary:
     """Tag `paths` and hand each image's probabilities to `sink`.
 
+    An image whose own output cannot be written (a caption) is reported and counted as failed, and the run
+    goes on; when the run's output fails (OutputError: the `-o` file, stdout), the run stops, the error is
+    logged and the summary counts what was lost (`Summary.stop`). BrokenPipeError (stdout's reader has gone,
+    `| head`) is raised after the sink is closed, for the caller to exit quietly (`hydra.common.exit_quietly`).
+
     Args:
         tagger: the loaded model; its picklable `preprocess` runs in the loader workers, `predict_samples` here.
         batch_size: images per model call (similar lengths are grouped, see hydra/bulk/batching.py).
@@ -278,23 +455,36 @@ def run_bulk(tagger: Tagger, paths: Sequence[str], sink: CaptionSink | CsvSink |
     summary = Summary()
     needed = sink.needed_tags()
     bar = tqdm(total=len(paths), unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    refused = getattr(sink, "refuse", lambda _: {})(paths)  # e.g. a caption that would replace an input
+    for path, reason in refused.items():
+        summary.fail(path, reason, bar)
+        bar.update(1)
+    todo = [p for p in paths if p not in refused]
     ok = False
     try:
-        with ImageLoader(tagger.preprocess, workers, share_memory) as loader:
-            for batch in _batches(loader.imap(paths), batch_size, tagger.sample_tokens, summary, bar):
-                names = [p for p, _ in batch]
-                probs = tagger.predict_samples([s for _, s in batch], needed)
-                for name, row in zip(names, probs):
-                    try:
-                        sink.write(name, row)
-                        summary.tagged += 1
-                    except OSError as e:
-                        summary.fail(name, f"cannot write output ({e.strerror or e})", bar)
-                bar.update(len(batch))
-        ok = True
-    finally:
-        bar.close()
-        sink.close(ok)
+        try:
+            with ImageLoader(tagger.preprocess, workers, share_memory) as loader:
+                for batch in _batches(loader.imap(todo), batch_size, tagger.sample_tokens, summary, bar):
+                    names = [p for p, _ in batch]
+                    probs = tagger.predict_samples([s for _, s in batch], needed)
+                    for name, row in zip(names, probs):
+                        try:
+                            sink.write(name, row)
+                            summary.tagged += 1
+                        except SkipImage as e:
+                            summary.fail(name, str(e), bar)
+                        except (OutputError, BrokenPipeError):
+                            raise
+                        except OSError as e:  # this image's own output (a caption): the run goes on
+                            summary.fail(name, f"cannot write output ({write_reason(e)})", bar)
+                    bar.update(len(batch))
+            ok = True
+        finally:
+            bar.close()
+            sink.close(ok)  # commits the output when ok (raises OutputError if that fails), else removes it
+    except OutputError as e:  # the output is gone for good: tagging on would only produce lost work
+        log(f"error: {e}")
+        summary.stop(len(paths), e.lost)
     return summary
 
 

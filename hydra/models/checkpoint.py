@@ -7,6 +7,7 @@ never a stack trace from deep inside torch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -161,10 +162,12 @@ def check_architecture(path: str | os.PathLike, meta: Mapping[str, str]) -> str:
 def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                      metadata: Mapping[str, str]) -> None:
     """Write atomically: a hidden temporary file in the same folder, renamed over `path` when complete (a
-    symlink is followed; a FIFO or device is written directly, see `hydra.common.write_target`)."""
+    symlink is followed; a FIFO or device is written directly; a folder is refused, see
+    `hydra.common.write_target`). The file gets the mode of the regular file it replaces, else what a new file
+    gets under the umask (safetensors writes its own private temporary file and renames it, giving 0600)."""
     from safetensors.torch import save_file
 
-    from hydra.common import temp_beside, write_target
+    from hydra.common import target_mode, temp_beside, write_target
 
     path, direct = write_target(path)
     if direct:  # safetensors' save_file would replace the path; write the serialised bytes into it instead
@@ -173,12 +176,15 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor
         with open(path, "wb") as f:
             f.write(save({k: v.contiguous() for k, v in tensors.items()}, metadata=dict(metadata)))
         return
+    mode = target_mode(path)
     fd, tmp = temp_beside(path)
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
+        with contextlib.suppress(OSError):  # a file system without Unix permissions
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
