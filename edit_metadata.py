@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import stat
 import sys
 
-from hydra.common import log
+from hydra.common import atomic_write, log, write_target
 from hydra.models.checkpoint import CheckpointError, load_tensors, read_metadata, save_safetensors
 
 
@@ -70,6 +69,15 @@ def backup_path(path: str) -> str:
     return candidate
 
 
+def make_backup(path: str) -> str:
+    """Copy `path` to the first free backup name, all or nothing (a full disk leaves no empty or short copy)."""
+    backup = backup_path(path)
+    with open(path, "rb") as src, atomic_write(backup, "wb") as out:
+        shutil.copyfileobj(src, out)
+    shutil.copystat(path, backup)  # times and mode, as `cp -p`
+    return backup
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         edits = parse_edits(args.edits)
@@ -79,18 +87,23 @@ def main(args: argparse.Namespace) -> int:
             for key, value in sorted(read_metadata(args.file).items()):
                 print(f"{key!r}: {value!r}")
             return 0
+        if args.output and os.path.realpath(args.output) == os.path.realpath(args.file):
+            raise ValueError(f"-o {args.output} is FILE itself; leave out -o to change FILE in place (with a backup)")
         tensors, metadata = load_tensors(args.file)
         metadata = apply_edits(metadata, edits)
         target = args.output or args.file
-        mode = os.stat(args.file).st_mode
+        write_target(target)  # a folder is refused before a backup is made
+        backup = None
         if not args.output and not args.no_backup:
-            backup = backup_path(args.file)
-            shutil.copy2(args.file, backup)
+            backup = make_backup(args.file)
             log(f"Backup: '{backup}'")
         log(f"Saving '{target}'...")
-        save_safetensors(target, tensors, metadata)
-        if not args.output:
-            os.chmod(target, stat.S_IMODE(mode))  # the file is new (a private temporary renamed); keep FILE's mode
+        try:
+            save_safetensors(target, tensors, metadata)  # keeps the replaced file's mode
+        except BaseException:
+            if backup is not None:  # FILE is unchanged: a copy of it would only be debris
+                os.unlink(backup)
+            raise
     except (CheckpointError, OSError, ValueError) as e:
         log(f"error: {e}")
         return 2

@@ -95,3 +95,55 @@ def test_unreadable_files_are_errors(tmp_path, capsys):
     assert run(capsys, bad, "a=b")[0] == 2
     assert run(capsys, tmp_path / "missing.safetensors")[0] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors"]
+
+
+def test_a_full_disk_leaves_no_backup_and_no_temporary(file, capsys, monkeypatch):
+    import errno
+    import shutil
+
+    original = file.read_bytes()
+    copy = shutil.copyfileobj
+
+    def fill_up(src, dst, *a):  # half the backup is written, then the disk is full
+        dst.write(src.read(10))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfileobj", fill_up)
+    code, _, err = run(capsys, file, "classifier.label=x")
+    assert code == 2 and "No space left on device" in err
+    assert file.read_bytes() == original and os.listdir(file.parent) == ["ext.safetensors"]  # no empty .bak
+    monkeypatch.setattr(shutil, "copyfileobj", copy)
+    import hydra.models.checkpoint as checkpoint
+
+    def save_fails(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_safetensors", save_fails)
+    monkeypatch.setattr(edit_metadata, "save_safetensors", save_fails)
+    code, _, err = run(capsys, file, "classifier.label=x")  # the backup was made, the save failed
+    assert code == 2 and file.read_bytes() == original and os.listdir(file.parent) == ["ext.safetensors"]
+
+
+def test_output_onto_file_itself_or_a_folder_is_refused(file, tmp_path, capsys):
+    original = file.read_bytes()
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(file)
+    for target in (file, link):
+        code, _, err = run(capsys, "-o", target, file, "classifier.label=x")
+        assert code == 2 and "is FILE itself" in err  # it would have replaced FILE with no backup
+    (tmp_path / "out").mkdir()
+    code, _, err = run(capsys, "-o", tmp_path / "out", file, "classifier.label=x")
+    assert code == 2 and "is a folder, not a file" in err and len(err.strip().splitlines()) == 2  # a note, then the error
+    code, _, err = run(capsys, file, "classifier.label=x")
+    assert file.read_bytes() != original
+    assert sorted(os.listdir(tmp_path)) == ["ext.safetensors", "ext.safetensors.bak", "link.safetensors", "out"]
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_output_gets_a_normal_files_mode(file, tmp_path, capsys):
+    umask = os.umask(0o022)
+    try:
+        assert run(capsys, "-o", tmp_path / "new.safetensors", file, "a=b")[0] == 0
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(os.stat(tmp_path / "new.safetensors").st_mode) == 0o644  # not 0600
