@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from hydra.bulk import loader
 from hydra.bulk.loader import ImageLoader, LoadError
 
 
@@ -66,7 +67,34 @@ def test_no_shared_memory_left_behind():
     before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     run([f"ok-{i}" for i in range(1, 6)], workers=2, share_memory=True)
     after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
-    assert not {n for n in after - before if n.startswith("psm_")}
+    assert not {n for n in after - before if n.startswith(("psm_", loader.SHM_PREFIX))}
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="POSIX shared memory is not listed here")
+def test_blocks_of_a_killed_run_are_removed_at_the_next_start():
+    import signal
+    import subprocess
+    import sys
+
+    script = ("import sys, time; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
+              "from test_loader import make_sample\nfrom hydra.bulk.loader import ImageLoader\n"
+              "it = ImageLoader(make_sample, workers=1, prefetch=2).imap(['ok-5'] * 4)\n"
+              "next(it); print('ready', flush=True); time.sleep(60)\n")
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.Popen([sys.executable, "-c", script, here, os.path.dirname(here)], stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(1)  # the worker parks the next result in a block
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # kill -9 of everything: parent, worker and resource tracker
+        proc.wait()
+    time.sleep(0.5)
+    mine = f"_{proc.pid}_"
+    leaked = [n for n in os.listdir("/dev/shm") if n.startswith(loader.SHM_PREFIX) and mine in n]
+    assert leaked  # the scenario of the issue: blocks in flight outlive a killed run
+    run(["ok-1"], workers=1, share_memory=True)  # the next run's loader removes them
+    assert not [n for n in os.listdir("/dev/shm") if n in leaked]
 
 
 def test_a_worker_that_dies_between_two_items_costs_one_file_at_most():
