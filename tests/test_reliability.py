@@ -313,3 +313,27 @@ def test_outputs_follow_symlinks_and_write_fifos_in_place(small_model, tmp_path)
     rows = got[0].splitlines()
     assert rows[0].startswith("filename,") and rows[1].startswith(str(tmp_path / "a.png"))
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_a_closed_stdout_ends_the_run_quietly(small_model, tmp_path):
+    model, _ = small_model
+    for i in range(30):
+        noise_image(32, 32, seed=i).save(tmp_path / f"{i:02d}.png")
+    proc = subprocess.Popen([sys.executable, SCRIPT, "-M", model, "-m", "", "-w", "0", "-o", "-", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()  # `| head -1`
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 141, err.decode()[-2000:]
+    assert b"Broken pipe" not in err and b"Traceback" not in err and b"Tagged" not in err
+
+
+def test_same_name_images_get_one_deterministic_caption(small_model, tmp_path):
+    model, _ = small_model
+    noise_image(48, 48, seed=1).save(tmp_path / "a.jpg")
+    noise_image(48, 48, seed=2).save(tmp_path / "a.png")
+    run = cli("-M", model, "-m", "", "-w", "0", "-t", "-1", tmp_path / "a.png", tmp_path / "a.jpg", check_rc=1)
+    assert f"'{tmp_path / 'a.png'}': cannot write output (same caption file '{tmp_path / 'a.txt'}' as " \
+           f"'{tmp_path / 'a.jpg'}'" in run.stderr
+    assert "Tagged 1 image, 1 failed." in run.stderr and "Traceback" not in run.stderr
+    assert sorted(os.listdir(tmp_path)) == ["a.jpg", "a.png", "a.txt"]
