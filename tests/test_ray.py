@@ -466,3 +466,37 @@ def test_cuda_without_gpus_is_refused():
     args = argparse.Namespace(device="cuda", ray_actors=None, ray_gpus_per_actor=1.0)
     with pytest.raises(ValueError, match="no GPUs"):
         distributed._actor_options(args, {"CPU": 8})
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_a_shard_whose_commit_fails_leaves_nothing_and_stops_the_run(tmp_path, monkeypatch, fmt):
+    import errno
+
+    from hydra import common
+
+    labels = ["a", "b"]
+    distributed.open_folder(tmp_path, fmt, labels)
+    fdopen = os.fdopen
+
+    class FullAtClose:  # the buffered rows reach the disk only at close, which fails
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            return self.f.write(text)
+
+        def close(self):
+            self.f.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def flaky(fd, mode, **kw):
+        f = fdopen(fd, mode, **kw)
+        return FullAtClose(f) if "part-" in os.readlink(f"/proc/self/fd/{fd}") and "_index" not in \
+            os.readlink(f"/proc/self/fd/{fd}") else f
+
+    monkeypatch.setattr(common.os, "fdopen", flaky)
+    batch = {"path": np.array([b"x.png", b"y.png"], object), "file": np.array([b"/x.png", b"/y.png"], object),
+             "error": np.array(["", ""], object), "probs": np.full((2, 2), 0.5, np.float32)}
+    out = distributed.write_shards(batch, str(tmp_path), fmt, labels)
+    assert out["stop"].all() and all("No space left on device" in e for e in out["error"])
+    assert sorted(os.listdir(tmp_path)) == ["_index", "_run.json"] and os.listdir(tmp_path / "_index") == []
