@@ -182,3 +182,18 @@ def test_browser_layout_tag_list_capped_image_first_on_phones(server, tmp_path, 
             assert "JTP-3 Hydra models only" in page.locator("#header").inner_text()
         finally:
             browser.close()
+
+
+def test_groups_name_a_models_own_categories():
+    """Hydra 3.5 categories beyond e621's get their own group by name (between e621's and unassigned)."""
+    from types import SimpleNamespace
+
+    from hydra.web.handlers import groups_html
+
+    cats = {"fox": "species", "glow": "effects", "sky": "unassigned", "solo": "general", "zap": "<b>"}
+    labels = list(cats)
+    m = SimpleNamespace(has_categories=True, category_name=cats.get, names=labels,
+                        position={t: i for i, t in enumerate(labels)})
+    out = groups_html(m, [(t, 0.9) for t in labels])
+    heads = [h.split(" (")[0] for h in out.split("<h4>")[1:]]
+    assert heads == ["general", "species", "&lt;b&gt;", "effects", "unassigned"]
