@@ -16,6 +16,7 @@ import sys
 
 from hydra import cli
 from hydra.bulk import distributed, interactive
+from hydra.bulk.report import DatasetReport
 from hydra.bulk.run import EXISTING, FORMATS, CaptionSink, CsvSink, PrintSink, caption_path, iter_images, run_bulk
 from hydra.common import exit_quietly_on_broken_pipe, log
 from hydra.hub import DownloadError
@@ -86,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", metavar="PATH",
                    help="Path for CSV output, or '-' for standard output. If not specified, individual .txt "
                         "caption files are written.")
+    g.add_argument("--report", metavar="NAME",
+                   help="Also write a dataset report: NAME.csv (tag frequencies), NAME-review.csv (the images with "
+                        "the fewest tags and the most borderline tags) and NAME.html (a page with a chart and "
+                        "thumbnails). A .html or .csv suffix on NAME is dropped first.")
     g.add_argument("-O", "--original-tags", action="store_true",
                    help="Do not rewrite tags for compatibility with diffusion models.")
     g.add_argument("--format", choices=FORMATS,
@@ -126,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.report is not None and (error := report_error(args)):
+        log(f"error: --report {args.report}: {error}")
+        return 2
     try:
         tagger, settings = cli.load_run(args)
     except (CheckpointError, DataFileError, DownloadError, OSError, ValueError) as e:
@@ -166,12 +174,29 @@ def main(args: argparse.Namespace) -> int:
     else:
         sink = CaptionSink(settings.rules(), settings.captions, args.prefix, args.shuffle,
                            append=args.existing == "append")
+    report = DatasetReport.for_settings(settings) if args.report is not None else None
     summary = run_bulk(tagger, paths, sink, batch_size=args.batch, workers=cli.worker_count(args.workers, len(paths)),
-                       share_memory=not args.no_shm)
+                       share_memory=not args.no_shm, report=report)
     summary.skipped += skipped
     summary.failed += len(scan_errors)
     log(summary.line())
+    if report is not None:
+        try:
+            log(f"Report: {', '.join(report.write(args.report))}")
+        except OSError as e:
+            log(f"error: --report {args.report}: cannot write it ({e.strerror or e})")
+            return 1
     return 1 if summary.failed else 0
+
+
+def report_error(args: argparse.Namespace) -> str | None:
+    """Why `--report` cannot be written in this run (checked before the model loads), or None."""
+    if not args.paths:
+        return "a report needs images to tag (give PATHs)"
+    if args.ray is not None:
+        return "not available with --ray"
+    folder = os.path.dirname(os.path.abspath(args.report))
+    return None if os.path.isdir(folder) else f"folder {folder} does not exist"
 
 
 def _terminate(signum: int, frame: object) -> None:

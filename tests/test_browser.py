@@ -92,6 +92,19 @@ def test_browser_upload_threshold_cam_screenshot(server, tmp_path):
             assert api_count["0.1"] > api_count["0.3"]
             assert page.locator("#threshold input[type=number]").input_value() == "0.1"
 
+            # labels: p in the list, the slider's symmetric scale named, the CAM peak explained
+            assert "probability p" in page.locator("#tag-list").inner_text()
+            assert "symmetric scale" in page.locator("#threshold").inner_text()
+            assert "peak" in page.locator("#cam-tag").inner_text()
+            assert "p >= 55.0%" in page.locator("#status").inner_text()
+            # the CAM picker: typing replaces the shown value and searches
+            page.locator("#cam-tag input").click()
+            page.keyboard.type("fox")
+            assert page.locator("#cam-tag input").input_value() == "fox"
+            options = page.eval_on_selector_all("ul[role=listbox] li", "els => els.map(e => e.textContent)")
+            assert options and all("fox" in o for o in options)
+            page.keyboard.press("Escape")
+
             # click the most probable tag: it becomes the CAM tag and the overlay replaces the image
             first = tag_names(page)[0]
             page.locator("#tag-list .confidence-set").first.click()
@@ -137,3 +150,50 @@ def check_overlay(plain: np.ndarray, shown: np.ndarray) -> None:
     red = (d[..., 0] > 12) & (d[..., 1] < -4) & (d[..., 2] < -4)
     assert green.mean() + red.mean() > 0.05, (green.mean(), red.mean())
     assert np.abs(shown - plain).mean() > 5
+
+
+@pytest.mark.parametrize("width, height", [(1400, 1000), (390, 844)])
+def test_browser_layout_tag_list_capped_image_first_on_phones(server, tmp_path, width, height):
+    from playwright.sync_api import sync_playwright
+
+    from hydra.web.page import GROUPS_HEIGHT, NARROW, TAG_LIST_HEIGHT
+
+    url, files = server
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url, wait_until="load")
+            page.locator("#image input[type=file]").set_input_files(str(files["image"]))
+            page.wait_for_function("document.querySelectorAll('#tag-list .confidence-set').length > 0")
+            page.locator("#topk input[type=range]").fill("250")  # every tag of the fixture model in the list
+            page.wait_for_function("document.querySelectorAll('#tag-list .confidence-set').length > 60")
+            page.screenshot(path=str(tmp_path / f"webui-{width}.png"), full_page=True)
+            box = {k: page.locator(f"#{k}").first.bounding_box() for k in ("image", "threshold", "tag-list",
+                                                                             "tag-groups")}
+            assert box["tag-list"]["height"] <= TAG_LIST_HEIGHT + 1 and box["tag-groups"]["height"] <= GROUPS_HEIGHT + 1
+            assert page.evaluate("document.documentElement.scrollHeight") < 5000
+            if width < NARROW:  # stacked: the image input first, the settings after the results
+                assert box["image"]["y"] < box["tag-list"]["y"] < box["threshold"]["y"]
+            else:
+                assert box["threshold"]["x"] < box["image"]["x"]
+            # two models, one without a CAM: the header names the one that has it
+            assert "JTP-3 Hydra models only" in page.locator("#header").inner_text()
+        finally:
+            browser.close()
+
+
+def test_groups_name_a_models_own_categories():
+    """Hydra 3.5 categories beyond e621's get their own group by name (between e621's and unassigned)."""
+    from types import SimpleNamespace
+
+    from hydra.web.handlers import groups_html
+
+    cats = {"fox": "species", "glow": "effects", "sky": "unassigned", "solo": "general", "zap": "<b>"}
+    labels = list(cats)
+    m = SimpleNamespace(has_categories=True, category_name=cats.get, names=labels,
+                        position={t: i for i, t in enumerate(labels)})
+    out = groups_html(m, [(t, 0.9) for t in labels])
+    heads = [h.split(" (")[0] for h in out.split("<h4>")[1:]]
+    assert heads == ["general", "species", "&lt;b&gt;", "effects", "unassigned"]

@@ -28,6 +28,7 @@ from hydra.common import AtomicFile, atomic_write, log
 from hydra.tags.rules import CaptionFormat, TagRules, ranked
 
 if TYPE_CHECKING:
+    from hydra.bulk.report import DatasetReport
     from hydra.tagger import Tagger
 
 # Files never treated as images (the original's skip list, matched case-insensitively here).
@@ -439,7 +440,8 @@ def report(path: str, reason: str, bar: tqdm | None = None) -> None:
 
 
 def run_bulk(tagger: Tagger, paths: Sequence[str], sink: CaptionSink | CsvSink | PrintSink, *, batch_size: int = 1,
-             workers: int = 0, share_memory: bool = True, progress: bool = True) -> Summary:
+             workers: int = 0, share_memory: bool = True, progress: bool = True,
+             report: DatasetReport | None = None) -> Summary:
     """Tag `paths` and hand each image's probabilities to `sink`.
 
     An image whose own output cannot be written (a caption) is reported and counted as failed, and the run
@@ -451,6 +453,7 @@ def run_bulk(tagger: Tagger, paths: Sequence[str], sink: CaptionSink | CsvSink |
         tagger: the loaded model; its picklable `preprocess` runs in the loader workers, `predict_samples` here.
         batch_size: images per model call (similar lengths are grouped, see hydra/bulk/batching.py).
         workers: loader processes (0 = decode in this process).
+        report: also fed each written image (`--report`, hydra/bulk/report.py).
     """
     summary = Summary()
     needed = sink.needed_tags()
@@ -471,6 +474,8 @@ def run_bulk(tagger: Tagger, paths: Sequence[str], sink: CaptionSink | CsvSink |
                         try:
                             sink.write(name, row)
                             summary.tagged += 1
+                            if report is not None:
+                                report.add(name, row)
                         except SkipImage as e:
                             summary.fail(name, str(e), bar)
                         except (OutputError, BrokenPipeError):

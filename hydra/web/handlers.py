@@ -27,8 +27,16 @@ import gradio as gr
 from hydra.bulk.loader import describe_error
 from hydra.common import log
 from hydra.models.vocab import E621_CATEGORY_NAMES, UNASSIGNED
-from hydra.tags.rules import TagRules, to_symmetric
-from hydra.web.model import SOURCE_MODEL, SOURCE_SLIDER, SOURCE_TOPK, SOURCE_UPLOAD, UserError, WebModel
+from hydra.tags.rules import TagRules, from_symmetric
+from hydra.web.model import (
+    SOURCE_MODEL,
+    SOURCE_SLIDER,
+    SOURCE_TOPK,
+    SOURCE_UPLOAD,
+    UserError,
+    WebModel,
+    parse_symmetric,
+)
 from hydra.web.service import NO_CAM, WebService
 
 TOP_K = 250  # tags in the scored list (the original's num_top_classes), and the top-k slider's end
@@ -99,8 +107,11 @@ class Handlers:
         start = time.perf_counter()
         tags = m.classify(self.web.probabilities(m, key, size), rules)
         caption = m.caption(tags)
-        shown = {m.names[m.position[t]]: to_symmetric(p) for t, p in tags[:TOP_K]}
+        shown = {m.names[m.position[t]]: p for t, p in tags[:TOP_K]}  # p: the list shows it as 0-100%
         how = f"top {rules.topk}" if rules.topk else f"thresholds from {s.source.lower()}"
+        if s.source == SOURCE_SLIDER:  # the one place the symmetric scale is set: say what it means in p
+            t = parse_symmetric(s.threshold)
+            how = f"threshold {t:.2f} on the -1..1 scale, i.e. p >= {from_symmetric(t):.1%}"
         status = (f"{m.name + ': ' if self.several else ''}{len(tags)} of {len(m.labels)} tags pass ({how}); "
                   f"{m.family.size.label.lower()} {size}, {time.perf_counter() - start:.2f} s.")
         download = caption_file(self.web, self.web.entry(key).name, caption)
@@ -226,8 +237,10 @@ def groups_html(m: WebModel, tags: list[tuple[str, float]]) -> str:
     groups: dict[str, list[str]] = {}
     for t, _ in tags:
         groups.setdefault(m.category_name(t), []).append(m.names[m.position[t]])
-    order = [E621_CATEGORY_NAMES[c] for c in CATEGORY_ORDER]
-    return "".join(f"<h4>{name} ({len(groups[name])})</h4><p>{html.escape(', '.join(groups[name]))}</p>"
+    # e621's categories in their order, then a model's own categories (Hydra 3.5) by name, unassigned last
+    e621 = [E621_CATEGORY_NAMES[c] for c in CATEGORY_ORDER]
+    order = [*e621[:-1], *sorted(set(groups) - set(e621)), e621[-1]]
+    return "".join(f"<h4>{html.escape(name)} ({len(groups[name])})</h4><p>{html.escape(', '.join(groups[name]))}</p>"
                    for name in order if name in groups)
 
 

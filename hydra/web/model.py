@@ -22,7 +22,6 @@ import numpy as np
 
 from hydra.bulk.loader import describe_error
 from hydra.models.family import DEFAULT_TOPK
-from hydra.models.vocab import E621_CATEGORY_NAMES, UNASSIGNED
 from hydra.tagger import Tagger
 from hydra.tags.rules import (
     CATEGORIES,
@@ -30,6 +29,7 @@ from hydra.tags.rules import (
     DataFileError,
     TagRules,
     TagSettings,
+    category_names,
     category_vector,
     from_symmetric,
     load_calibration,
@@ -73,6 +73,7 @@ class WebModel:
         self.position = {t: i for i, t in enumerate(self.labels)}
         self.by_name = {**{n: i for i, n in reversed(list(enumerate(self.names)))}, **self.position}
         self.category = category_vector(self.labels, settings.metadata)
+        self.category_names = category_names(self.labels, settings.metadata)  # a model's own categories too
         self.has_categories = settings.metadata is not None  # a tags CSV, or categories the model carries
         self.has_implications = self.has_categories and any(settings.metadata.implies.values())
         self.default_mode = settings.mode if self.has_implications else "off"
@@ -215,10 +216,11 @@ class WebModel:
         return self.settings.captions.caption(dict(sorted(tags, key=lambda tp: self.position[tp[0]])))
 
     def category_name(self, tag: str) -> str | None:
-        """e621 category name ("unassigned" for -1 or an unknown id); None when the model has no categories."""
+        """Category name: e621's, or one the model names (Hydra 3.5); "unassigned" for -1 or an unknown id; None
+        when the model has no categories."""
         if not self.has_categories:
             return None
-        return E621_CATEGORY_NAMES.get(int(self.category[self.position[tag]]), E621_CATEGORY_NAMES[UNASSIGNED])
+        return self.category_names[self.position[tag]]
 
     def describe(self) -> dict[str, Any]:
         """This model's entry in /api/health."""

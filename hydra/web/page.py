@@ -41,10 +41,44 @@ SIZE_INFO = {"seqlen": "Patches per image (1024 as trained).",
 # System fonts only: the page must not fetch anything from the internet (Gradio's themes can pull fonts).
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "Consolas", "monospace"])
-CSS = """
-#tag-list .confidence-set { cursor: pointer; }
-#tag-list meter { width: 0; }  /* negative scores give an invalid inline width: show no bar, not a default one */
-#tag-groups h4 { margin: 0.6em 0 0.1em 0; }
+TAG_LIST_HEIGHT = 560   # px: the scored list scrolls inside this box (250 tags would make the page very tall)
+GROUPS_HEIGHT = 360     # px: the same for the tags grouped by category
+NARROW = 768            # px: below this the columns stack, and the image comes before the settings
+CSS = f"""
+#tag-list .confidence-set {{ cursor: pointer; }}
+#tag-list {{ max-height: {TAG_LIST_HEIGHT}px; overflow-y: auto; }}
+#tag-groups {{ max-height: {GROUPS_HEIGHT}px; overflow-y: auto; }}
+#tag-groups h4 {{ margin: 0.6em 0 0.1em 0; }}
+@media (max-width: {NARROW}px) {{
+  #main-col {{ order: 1; }}
+  #settings-col {{ order: 2; }}
+}}
+"""
+# Runs once on page load. Typing in the CAM tag picker replaces the shown tag instead of appending to it (Gradio
+# keeps the current value in the search box): its text is selected on focus. Each new request of the image tab
+# (upload, fetch, a settings change) closes the error messages left from earlier ones, so a stale error never
+# sits beside fresh results.
+JS = """
+() => {
+  let fresh = null;
+  document.addEventListener("focusin", (e) => {
+    const t = e.target;
+    if (t instanceof HTMLInputElement && t.closest("#cam-tag")) { fresh = t; t.select(); }
+  });
+  document.addEventListener("mouseup", (e) => {
+    if (fresh && e.target === fresh) { e.preventDefault(); fresh.select(); }
+    fresh = null;
+  });
+  const clearErrors = () => document.querySelectorAll(".toast-body.error .toast-close").forEach((b) => b.click());
+  const fresh_request = (e) => {
+    if (e.target.closest && e.target.closest("#image, #settings-col, #fetch, #url, #cam-tag")) clearErrors();
+  };
+  document.addEventListener("change", fresh_request, true);
+  document.addEventListener("click", (e) => {
+    if (e.target.closest && e.target.closest("#fetch")) clearErrors();
+  }, true);
+  document.addEventListener("drop", fresh_request, true);
+}
 """
 
 
@@ -66,15 +100,13 @@ def build_ui(web: WebService) -> gr.Blocks:
     h = Handlers(web)
     title = page_title(web)
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
-        cam_text = " Click a tag to see where the model found it (class-activation map)." if any(
-            m.cam_depth is not None for m in web.models.values()) else ""
-        gr.Markdown(f"# {title}\nUpload, drop or paste an image, or give its URL.{cam_text} "
-                    "HTTP API: `POST /api/tag`, `GET /api/health`.")
+        gr.Markdown(f"# {title}\nUpload, drop or paste an image, or give its URL.{cam_header(web)} "
+                    "HTTP API: `POST /api/tag`, `GET /api/health`.", elem_id="header")
         c = {"key": gr.State(None), "calibration": gr.State(None)}
         with gr.Row():
-            with gr.Column(scale=1, min_width=300):
+            with gr.Column(scale=1, min_width=300, elem_id="settings-col"):
                 c.update(_settings_column(web))
-            with gr.Column(scale=3):
+            with gr.Column(scale=3, elem_id="main-col"):
                 with gr.Tab("Image"):
                     c.update(_image_tab(web))
                 with gr.Tab("Batch"):
@@ -100,8 +132,10 @@ def _settings_column(web: WebService) -> dict:
     c["source"] = gr.Radio(list(dict.fromkeys(s for m in web.models.values() for s in m.sources)),
                            value=first.default_source, label="Select tags by", elem_id="source")
     c["threshold"] = gr.Slider(THRESHOLD_MIN, THRESHOLD_MAX, value=DEFAULT_THRESHOLD, step=THRESHOLD_STEP,
-                               label="Tag threshold", elem_id="threshold",
-                               info="-1 to 1 (= 2p - 1, so 0.30 means p >= 0.65). Moving it selects the slider.")
+                               label="Tag threshold (symmetric scale, -1 to 1)", elem_id="threshold",
+                               info="Not a probability: the scale 2p - 1 of -t and the original WebUI, so 0.30 "
+                                    "means p >= 65% and 0 means p >= 50%. The tag list shows p. Moving it selects "
+                                    "the slider.")
     c["topk"] = gr.Slider(1, TOP_K, value=first.default_topk, step=1, label="Top k", elem_id="topk",
                           info="The k most probable tags (the default for models with uncalibrated scores, such as "
                                "the DINOv3 tagger). Moving it selects top k.")
@@ -134,11 +168,10 @@ def _image_tab(web: WebService) -> dict:
             c["image"] = image_input(label="Image", sources=["upload", "clipboard"], type="filepath",
                                      image_mode=None, format="png", height=560, elem_id="image")
             with gr.Row():
-                c["url"] = gr.Textbox(label="Image URL", placeholder="https://...", scale=4)
-                c["fetch"] = gr.Button("Fetch", scale=1, min_width=80)
+                c["url"] = gr.Textbox(label="Image URL", placeholder="https://...", scale=4, elem_id="url")
+                c["fetch"] = gr.Button("Fetch", scale=1, min_width=80, elem_id="fetch")
             c["cam_tag"] = gr.Dropdown(cam_choices(*web.models.values()), value=NO_CAM, label="CAM tag",
-                                       info="Pick a tag, or click one in the tag list.", elem_id="cam-tag",
-                                       visible=cam)
+                                       info=CAM_INFO, elem_id="cam-tag", visible=cam)
             c["depth"] = gr.Slider(1, first.cam_depth or 2, value=1, step=1, label="CAM depth", visible=cam,
                                    info="1 = fastest, most precise; the maximum = slowest, most general")
             c["cam_note"] = gr.Markdown("CAM is not available for this model.", visible=not cam, elem_id="cam-note")
@@ -147,7 +180,7 @@ def _image_tab(web: WebService) -> dict:
                                       elem_id="caption")
             c["download"] = gr.DownloadButton("Download caption (.txt)", value=None, size="sm")
             c["status"] = gr.Markdown(elem_id="status")
-            c["tag_list"] = gr.Label(label=f"Tags (top {TOP_K}, -100% to 100%)", num_top_classes=TOP_K,
+            c["tag_list"] = gr.Label(label=f"Tags: probability p (top {TOP_K})", num_top_classes=TOP_K,
                                      show_heading=False, elem_id="tag-list")
             c["groups"] = gr.HTML(elem_id="tag-groups")
     return c
@@ -206,6 +239,23 @@ def _wire(h: Handlers, c: dict) -> None:
                    api_name="batch", concurrency_limit=1, concurrency_id="batch")
 
 
+CAM_INFO = ("Type to search, or click a tag in the tag list. On the image: green = evidence for the tag, red = "
+            "against it; the blue number at the bottom right is the map's peak |relevance|, the value the "
+            "colours are scaled to.")
+
+
+def cam_header(web: WebService) -> str:
+    """The header's CAM sentence: only for models that have a CAM, naming them when some do not."""
+    with_cam = [m for m in web.models.values() if m.cam_depth is not None]
+    if not with_cam:
+        return ""
+    sentence = " Click a tag to see where the model found it (class-activation map)"
+    if len(with_cam) == len(web.models):
+        return sentence + "."
+    names = ", ".join(dict.fromkeys(m.family.title for m in with_cam))
+    return f"{sentence}: {names} models only."
+
+
 def page_title(web: WebService) -> str:
     return " and ".join(dict.fromkeys(m.family.title for m in web.models.values()))
 
@@ -238,7 +288,7 @@ def launch(web: WebService, host: str, port: int, share: bool = False) -> None:
     """Serve the UI and the API until interrupted (Ctrl-C)."""
     demo = build_ui(web)
     demo.queue(default_concurrency_limit=4, max_size=64)
-    demo.launch(server_name=host, server_port=port, share=share, theme=THEME, css=CSS, quiet=True,
+    demo.launch(server_name=host, server_port=port, share=share, theme=THEME, css=CSS, js=JS, quiet=True,
                 prevent_thread_lock=True,
                 max_file_size=max(web.limits.max_upload_bytes, web.limits.batch_max_bytes),  # batch zips
                 allowed_paths=[web.tmpdir], app_kwargs={"routes": api_routes(web)},
