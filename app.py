@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"Largest accepted image, in MiB. (Default: {MAX_UPLOAD_MB})")
     g.add_argument("--url-timeout", type=float, default=URL_TIMEOUT,
                    help=f"Seconds allowed to fetch an image URL. (Default: {URL_TIMEOUT:g})")
+    g.add_argument("--allow-private-urls", action="store_true",
+                   help="Also fetch image URLs on loopback, private and link-local addresses and this server's own "
+                        "(by default refused: with --share or --host 0.0.0.0 a client could probe your network). "
+                        "For a trusted LAN only.")
     g = p.add_argument_group("models")
     cli.add_model_flag(g, repeat=True, help_extra="Repeat to serve several: the UI gets a model selector and the "
                        "API a 'model' field, both naming models by file name; the first is the default. ")
@@ -104,7 +108,7 @@ def make_web(args: argparse.Namespace):
         loaded.append(WebModel(name, path, tagger, settings))
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=MAX_PIXELS,
                     url_timeout=args.url_timeout, batch_max_files=BATCH_MAX_FILES,
-                    batch_max_bytes=BATCH_MAX_MB * 2**20)
+                    batch_max_bytes=BATCH_MAX_MB * 2**20, allow_private_urls=args.allow_private_urls)
     return WebService(loaded, limits)
 
 

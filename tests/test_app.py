@@ -38,7 +38,7 @@ from hydra.tags.rules import TagSettings, format_caption, from_symmetric, load_c
 from hydra.testing.dinov3 import write_dinov3_checkpoint, write_vocab
 from hydra.testing.jtp3 import write_extension, write_model
 from hydra.web.model import SOURCE_DEFAULT, SOURCE_TOPK, SOURCE_UPLOAD, UserError
-from hydra.web.service import NO_CAM, Limits
+from hydra.web.service import FETCH_ERROR, NO_CAM, Limits
 
 ROOT = Path(__file__).resolve().parent.parent
 TAGS_CSV = ROOT / "data" / "jtp-3-hydra-tags.csv"
@@ -364,7 +364,7 @@ def test_bad_inputs_give_clear_errors(web, jtp, fixture_files, tmp_path):
     with pytest.raises(UserError, match="over the 1 MiB limit") as e:
         web.read_file(str(big))
     assert e.value.status == 413
-    with pytest.raises(UserError, match="Could not fetch the URL: only http"):
+    with pytest.raises(UserError, match=r"Could not fetch the URL \(refused"):
         web.fetch("file:///etc/passwd")
     with pytest.raises(UserError, match=r"Wrong calibration file: bad.csv: line 2: 'threshold' must be between"):
         jtp.load_calibration(str(fixture_files["bad_calibration"]))
@@ -473,7 +473,8 @@ def test_model_names_are_file_names_unless_they_repeat():
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("server")
     files = make_fixture(folder)
-    proc, url = start_server(folder, server_args(files, "--max-upload-mb", "1"))
+    # the URL tests fetch from a server on 127.0.0.1: allowed by the trusted-LAN flag only
+    proc, url = start_server(folder, server_args(files, "--max-upload-mb", "1", "--allow-private-urls"))
     yield url, files, folder
     stop_server(proc)
     log = (folder / "server.log").read_text()
@@ -585,9 +586,29 @@ def test_api_url_fetch(server, image_server):
     by_url = api_tag(url, url=image_server + "/fox.png", threshold=0.0)
     assert by_url.status_code == 200, by_url.text
     assert by_url.json() == api_tag(url, files["image"].read_bytes(), threshold="0").json()
-    for bad in (image_server + "/to-file", "file:///etc/passwd", image_server + "/missing.png", "not a url"):
+    closed = free_port()
+    errors = set()
+    for bad in (image_server + "/to-file", "file:///etc/passwd", image_server + "/missing.png", "not a url",
+                f"http://127.0.0.1:{closed}/x.png", "http://[::1]:1/"):
         r = api_tag(url, url=bad)
-        assert r.status_code == 400 and r.json()["error"].startswith("Could not fetch the URL"), (bad, r.text)
+        assert r.status_code == 400, (bad, r.text)
+        errors.add(r.json()["error"])
+    assert errors == {FETCH_ERROR}  # one text: errors must not tell open ports from closed ones
+
+
+def test_private_urls_are_refused_without_the_flag(web, monkeypatch):
+    import urllib3.util.connection
+
+    def connect(address, *args, **kwargs):
+        raise AssertionError(f"connected to {address}")
+
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", connect)
+    assert not web.limits.allow_private_urls
+    for url in ("http://127.0.0.1:7860/api/health", "http://[::ffff:127.0.0.1]/", "http://169.254.169.254/",
+                "http://0x7f.1/", "http://10.0.0.1/"):
+        with pytest.raises(UserError) as e:
+            web.tag_request({"url": url}, None)
+        assert str(e.value) == FETCH_ERROR
 
 
 def test_api_errors_are_4xx_json_and_the_server_keeps_serving(server):

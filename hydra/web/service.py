@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from hydra.bulk.loader import describe_error
+from hydra.common import log
 from hydra.fetch import FetchError, fetch_url
 from hydra.images.decode import open_image
 from hydra.tags.rules import TagRules
@@ -29,6 +30,10 @@ from hydra.web import batch as batches
 from hydra.web.cam import block_outputs, class_activation_map, display_image, draw_overlay
 from hydra.web.model import SOURCE_MODEL, SOURCE_SLIDER, SOURCE_TOPK, UserError, WebModel, clamp_int
 
+# Every refused or failed URL fetch shows this one text (the log has the reason): distinct errors would tell a
+# remote client which ports are open on the server's network.
+FETCH_ERROR = ("Could not fetch the URL (refused, unreachable, no answer in time, an HTTP error, not http(s), "
+               "or over the size limit); the server log has the reason.")
 CACHE_IMAGES = 16            # recent images kept for re-filtering (bytes + display image + probabilities)
 NO_CAM = "(none)"
 
@@ -42,6 +47,7 @@ class Limits:
     url_timeout: float       # seconds for a whole URL fetch
     batch_max_files: int     # images in one batch request (zip members included)
     batch_max_bytes: int     # total bytes of one batch request, uncompressed
+    allow_private_urls: bool = False  # fetch URLs on loopback, private and link-local addresses (trusted LAN)
 
 
 @dataclass
@@ -104,9 +110,11 @@ class WebService:
 
     def fetch(self, url: str) -> bytes:
         try:
-            return fetch_url(url, timeout=self.limits.url_timeout, max_bytes=self.limits.max_upload_bytes)
+            return fetch_url(url, timeout=self.limits.url_timeout, max_bytes=self.limits.max_upload_bytes,
+                             allow_private=self.limits.allow_private_urls)
         except FetchError as e:
-            raise UserError(f"Could not fetch the URL: {e}.") from None
+            log(f"URL fetch failed: {e}")
+            raise UserError(FETCH_ERROR) from None
 
     def decode(self, data: bytes) -> Image.Image:
         """The image as the page shows it (EXIF-oriented); the models decode the bytes themselves."""
