@@ -596,6 +596,40 @@ def test_api_url_fetch(server, image_server):
     assert errors == {FETCH_ERROR}  # one text: errors must not tell open ports from closed ones
 
 
+def test_decodes_are_bounded_and_the_rest_wait(web, jtp, fixture_files, monkeypatch):
+    """Decoding costs memory: at most `decodes` images are decoded at once, whatever the number of requests."""
+    from hydra.web.service import WebService, decode_slots
+
+    assert decode_slots(179_000_000, memory=8 * 2**30) == min(os.cpu_count(), 3)  # 4 GiB / 1.07 GB
+    assert decode_slots(179_000_000, memory=2**28) == 1 and decode_slots(2**20, memory=2**40) == os.cpu_count()
+    limited = WebService([jtp], web.limits, decodes=2)
+    state = {"now": 0, "max": 0, "calls": 0}
+    lock = threading.Lock()
+    real = jtp.tagger.preprocess
+
+    def counting(data):
+        with lock:
+            state["now"] += 1
+            state["calls"] += 1
+            state["max"] = max(state["max"], state["now"])
+        time.sleep(0.05)
+        try:
+            return real(data)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(jtp.tagger, "preprocess", counting)
+    data = fixture_files["image"].read_bytes()
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(lambda _: limited.tag_request({"threshold": "0"}, data), range(12)))
+    finally:
+        limited.close()
+    assert state["calls"] == 12 and state["max"] == 2
+    assert all(r == results[0] for r in results)
+
+
 def test_private_urls_are_refused_without_the_flag(web, monkeypatch):
     import urllib3.util.connection
 
@@ -625,6 +659,11 @@ def test_api_errors_are_4xx_json_and_the_server_keeps_serving(server):
         (api_tag(url, image, model=DINO, implications="inherit"), 400, "implication data"),
         (api_tag(url, image, threshold="0.2", topk="3"), 400, "either 'threshold' or 'topk'"),
         (api_tag(url, image, topk="0"), 400, "Top k must be a whole number"),
+        (api_tag(url, image, topk="inf"), 400, "Top k must be a whole number"),
+        (api_tag(url, image, topk="1e400"), 400, "Top k must be a whole number"),
+        (requests.post(url + "/api/tag", json={"url": "http://x", "topk": "nan"}), 400, "Top k must be"),
+        (requests.post(url + "/api/tag", data=b"[" * 100_000 + b"]" * 100_000,
+                       headers={"Content-Type": "application/json"}), 400, "nested too deeply"),
         (requests.post(url + "/api/tag", json={"url": "http://x", "model": 3}), 400, "'model' must be a string"),
         (requests.post(url + "/api/tag", data=b"hello", headers={"Content-Type": "text/plain"}), 415, "multipart"),
         (requests.post(url + "/api/tag", data=b"{", headers={"Content-Type": "application/json"}), 400, "JSON"),
@@ -635,6 +674,39 @@ def test_api_errors_are_4xx_json_and_the_server_keeps_serving(server):
         assert response.status_code == status, response.text
         assert text in response.json()["error"]
     assert api_tag(url, image).status_code == 200
+
+
+def test_health_answers_while_slow_url_fetches_wait(server):
+    """45 URL fetches held open by a slow server fill no pool that /api/health needs."""
+    url, _, _ = server
+    release = threading.Event()
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # noqa: N802
+            release.wait(30)
+            self.send_error(404)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    slow = f"http://127.0.0.1:{httpd.server_address[1]}/x.png"
+    pool = ThreadPoolExecutor(45)
+    try:
+        futures = [pool.submit(api_tag, url, url=slow) for _ in range(45)]
+        time.sleep(1.0)  # let them reach the server
+        assert not any(f.done() for f in futures)
+        health = requests.get(url + "/api/health", timeout=5)  # before: waited for the fetches (13 s)
+        assert health.status_code == 200 and not any(f.done() for f in futures)
+    finally:
+        release.set()
+        results = [f.result() for f in futures]
+        pool.shutdown()
+        httpd.shutdown()
+        httpd.server_close()
+    assert all(r.status_code == 400 for r in results)
 
 
 def test_concurrent_requests_agree(server):

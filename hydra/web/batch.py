@@ -40,7 +40,7 @@ def tag_uploads(web: WebService, model: WebModel, paths: list[str], rules: TagRu
                 names, samples = [], []
                 for name, read in items[start:start + BATCH_SIZE]:
                     try:
-                        samples.append(model.preprocess(read(), size))
+                        samples.append(web.preprocess(model, read(), size))
                         names.append(name)
                     except Exception as e:  # one bad file (or zip member) never stops the batch
                         failures.append((name, str(e) if isinstance(e, UserError) else describe_error(e)))

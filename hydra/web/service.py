@@ -38,6 +38,36 @@ CACHE_IMAGES = 16            # recent images kept for re-filtering (bytes + disp
 NO_CAM = "(none)"
 
 
+DECODE_BYTES_PER_PIXEL = 6   # peak memory of decoding one pixel (a 13000 x 13000 PNG took ~0.85 GB: 5 B/px)
+DECODE_MEMORY_SHARE = 0.5    # of the memory available at start-up, for concurrent decodes
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (Linux MemAvailable, else free pages), None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def decode_slots(max_pixels: int, memory: int | None = None) -> int:
+    """How many images may be decoded at once: as many as half the available memory holds at the worst case
+    (`max_pixels` x 6 bytes each), at least 1 and at most the CPU count (decoding is CPU-bound); the CPU count
+    when the memory is unknown. Requests beyond it wait their turn."""
+    cpus = max(1, os.cpu_count() or 1)
+    memory = available_memory() if memory is None else memory
+    if memory is None:
+        return cpus
+    return max(1, min(cpus, int(memory * DECODE_MEMORY_SHARE // (max_pixels * DECODE_BYTES_PER_PIXEL))))
+
+
 @dataclass(frozen=True)
 class Limits:
     """What this server accepts from a client (set by app.py's flags)."""
@@ -70,13 +100,16 @@ class WebService:
         limits: request limits.
     """
 
-    def __init__(self, models: Sequence[WebModel], limits: Limits):
+    def __init__(self, models: Sequence[WebModel], limits: Limits, decodes: int | None = None):
         names = [m.name for m in models]
         assert names and len(set(names)) == len(names), names
         self.models = {m.name: m for m in models}
         self.default = models[0]
         self.limits = limits
         self.lock = threading.Lock()  # one forward (or CAM) at a time, whichever the model: they share a device
+        # decoding is where memory goes (0.85 GB for one 13000^2 PNG of 160 KB): a bounded number at once
+        self.decode_slots = decodes or decode_slots(limits.max_pixels)
+        self.decodes = threading.BoundedSemaphore(self.decode_slots)
         self._cache_lock = threading.Lock()
         self._images: OrderedDict[str, _Entry] = OrderedDict()
         self.tmpdir = tempfile.mkdtemp(prefix="hydra-webui-")
@@ -131,7 +164,8 @@ class WebService:
                 self._images.move_to_end(key)
                 self._images[key].name = name  # the caption download is named after the latest upload
                 return key
-        entry = _Entry(data, name, display_image(self.decode(data)))
+        with self.decodes:
+            entry = _Entry(data, name, display_image(self.decode(data)))
         with self._cache_lock:
             self._images[key] = entry
             while len(self._images) > CACHE_IMAGES:
@@ -147,6 +181,11 @@ class WebService:
 
     # -- the models ---------------------------------------------------------------------------------
 
+    def preprocess(self, model: WebModel, data: bytes, size: int) -> dict:
+        """`model.preprocess` within the decode limit (waits for a free slot)."""
+        with self.decodes:
+            return model.preprocess(data, size)
+
     def predict(self, model: WebModel, samples: list[dict]) -> np.ndarray:
         """(B, T) probabilities of preprocessed images, with the CLI's own `predict_samples`."""
         with self.lock:
@@ -159,7 +198,7 @@ class WebService:
         entry = self.entry(key)
         sample = entry.samples.get((model.name, size))
         if sample is None:
-            sample = model.preprocess(entry.data, size)
+            sample = self.preprocess(model, entry.data, size)
             if model.cam_depth is not None:
                 entry.samples[model.name, size] = sample
         return sample
@@ -196,14 +235,24 @@ class WebService:
     def tag_request(self, fields: dict, data: bytes | None) -> dict:
         """`POST /api/tag` once the body is parsed: the image bytes (or `url`) and the optional fields
         `model`, `threshold` or `topk`, `implications`, `exclude`."""
+        model, rules = self.request_settings(fields, data)
+        if data is None:
+            data = self.fetch(fields["url"])
+        if not data:
+            raise UserError("The image is empty.")
+        sample = self.preprocess(model, data, model.default_size)
+        tags = model.classify(self.predict(model, [sample])[0], rules)
+        return {"model": model.name,
+                "tags": [{"tag": t, "probability": p, "category": model.category_name(t)} for t, p in tags],
+                "caption": model.caption(tags)}
+
+    def request_settings(self, fields: dict, data: bytes | None) -> tuple[WebModel, TagRules]:
+        """The model and validated tag rules of an API request (checked before any URL is fetched)."""
         model = self.model(_optional_str(fields, "model"))
         if data is None:
             url = fields.get("url")
             if not isinstance(url, str) or not url.strip():
                 raise UserError("Send an 'image' file (multipart/form-data) or a 'url' (JSON or form field).")
-            data = self.fetch(url)
-        if not data:
-            raise UserError("The image is empty.")
         threshold, topk, metric = fields.get("threshold"), fields.get("topk"), _optional_str(fields, "metric")
         given = [name for name, v in (("threshold", threshold), ("topk", topk), ("metric", metric)) if v not in (None, "")]
         if len(given) > 1:
@@ -216,12 +265,8 @@ class WebService:
         if not isinstance(exclude, list) or not all(isinstance(x, str) for x in exclude):
             raise UserError("'exclude' must be a category name or a list of them.")
         exclude = [c for x in exclude for c in x.replace(",", " ").split()]
-        rules = model.rules(threshold, source, None, _optional_str(fields, "implications"), exclude, topk, metric)
-        sample = model.preprocess(data, model.default_size)
-        tags = model.classify(self.predict(model, [sample])[0], rules)
-        return {"model": model.name,
-                "tags": [{"tag": t, "probability": p, "category": model.category_name(t)} for t, p in tags],
-                "caption": model.caption(tags)}
+        return model, model.rules(threshold, source, None, _optional_str(fields, "implications"), exclude, topk,
+                                  metric)
 
     def health(self) -> dict:
         """`GET /api/health`: the default model's description at the top level, every model under "models"."""
