@@ -630,6 +630,23 @@ def test_decodes_are_bounded_and_the_rest_wait(web, jtp, fixture_files, monkeypa
     assert all(r == results[0] for r in results)
 
 
+@pytest.mark.parametrize("name", ["C:\\Users\\Public\\x.png", "https://e.x/a/C:\\Users\\Public\\x.png",
+                                  "..\\..\\x.png", "../../x.png", "/etc/x.png", "\\\\server\\share\\x.png",
+                                  "x:.png", "CON.png", "..", "", ".x.png", "a\x00b.png"])
+def test_download_names_stay_in_their_folder_on_windows_and_posix(name):
+    import ntpath
+    import posixpath
+
+    from hydra.web.handlers import download_name
+
+    stem = download_name(name)
+    assert stem and not set(stem) & set('/\\:<>"|?*\x00') and not stem.startswith(".")
+    for path in (ntpath, posixpath):
+        folder = path.join(path.sep, "tmp", "d")
+        joined = path.normpath(path.join(folder, stem + ".txt"))
+        assert path.dirname(joined) == folder, (path.__name__, joined)
+
+
 def test_private_urls_are_refused_without_the_flag(web, monkeypatch):
     import urllib3.util.connection
 

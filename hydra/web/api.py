@@ -11,7 +11,6 @@ import json
 import traceback
 
 import anyio
-
 from fastapi import APIRouter, Request  # FastAPI and Starlette come with Gradio
 from fastapi.responses import JSONResponse
 
@@ -19,7 +18,6 @@ from hydra.bulk.loader import describe_error
 from hydra.common import log
 from hydra.web.model import UserError
 from hydra.web.service import Limits, WebService
-
 
 # Threads of their own for /api/tag (not the shared pool that serves Gradio's routes): slow URL fetches wait
 # in one limiter, decoding and the model in another (which WebService bounds again by memory), and at most
