@@ -647,6 +647,32 @@ def test_download_names_stay_in_their_folder_on_windows_and_posix(name):
         assert path.dirname(joined) == folder, (path.__name__, joined)
 
 
+def test_zip_directory_read_once_and_member_count_capped(web, jtp, fixture_files, tmp_path, monkeypatch):
+    import zipfile as zipmodule
+
+    from hydra.web import batch
+
+    many = tmp_path / "many.zip"
+    with zipfile.ZipFile(many, "w") as zf:
+        zf.writestr("fox.png", fixture_files["image"].read_bytes())
+        for i in range(30):
+            zf.writestr(f"empty{i}.png", b"")
+    opened = []
+    real_init = zipmodule.ZipFile.__init__
+
+    def counting(self, *args, **kwargs):
+        opened.append(args[0] if args else kwargs.get("file"))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(zipmodule.ZipFile, "__init__", counting)
+    _, _, summary = web.batch(jtp, [str(many)], jtp.rules(), 1024)
+    assert "Tagged 1 image, 30 failed" in summary
+    assert [p for p in opened if str(p) == str(many)] == [str(many)]  # once, not once per member
+    monkeypatch.setattr(batch, "ZIP_MAX_MEMBERS", 20)
+    with pytest.raises(UserError, match="many.zip has 31 entries; at most 20 per zip"):
+        web.batch(jtp, [str(many)], jtp.rules(), 1024)
+
+
 def test_private_urls_are_refused_without_the_flag(web, monkeypatch):
     import urllib3.util.connection
 
