@@ -151,6 +151,25 @@ def model_names(paths: list[str]) -> list[str]:
     return [n if names.count(n) == 1 else p for n, p in zip(names, paths)]
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """True if the server could not listen on (host, port): checked before the models load."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return False  # a bad host is for the server to report
+    for family, kind, proto, _, address in infos[:1]:
+        with socket.socket(family, kind, proto) as s:
+            if os.name != "nt":  # as uvicorn binds: a port in TIME_WAIT is free (SO_REUSEADDR means more on Windows)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(address)
+            except OSError:
+                return True
+    return False
+
+
 def main(args: argparse.Namespace) -> int:
     from hydra.common import log
     from hydra.hub import DownloadError
@@ -158,6 +177,9 @@ def main(args: argparse.Namespace) -> int:
     from hydra.tags.rules import DataFileError
     from hydra.web.page import launch
 
+    if port_in_use(args.host, args.port):
+        log(f"error: port {args.port} is in use; use --port N")
+        return 2
     try:
         web = make_web(args)
     except (CheckpointError, DataFileError, DownloadError, OSError, ValueError) as e:

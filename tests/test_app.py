@@ -455,6 +455,17 @@ def test_startup_fails_in_one_line_before_serving(fixture_files, capsys, flags, 
     assert err.count("error: ") == 1 and message in err and "Traceback" not in err
 
 
+def test_busy_port_is_reported_before_the_models_load(fixture_files, capsys, monkeypatch):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        monkeypatch.setattr(app, "make_web", lambda args: pytest.fail("the models were loaded"))
+        args = app.build_parser().parse_args(["-M", str(fixture_files["model"]), "--port", str(port)])
+        assert app.main(args) == 2
+    assert f"error: port {port} is in use; use --port N" in capsys.readouterr().err
+
+
 def test_sizes_out_of_range_are_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit) as e:
         app.build_parser().parse_args(["--max-size", "8"])
