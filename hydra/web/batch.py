@@ -30,8 +30,14 @@ ZIP_MAX_MEMBERS = 20_000  # entries of one uploaded zip (any kind): its director
 def tag_uploads(web: WebService, model: WebModel, paths: list[str], rules: TagRules, size: int,
             progress: Callable[[int, int], None]) -> tuple[str, str, str]:
     """Tag many uploaded images and zips; returns (captions zip, probabilities CSV, summary)."""
-    with contextlib.ExitStack() as zips:  # each uploaded zip is opened (its directory read) once
-        return _tag_items(web, model, list(_upload_items(paths or [], web.limits, zips)), rules, size, progress)
+    busy = {os.path.abspath(p) for p in paths or []} - web.in_use
+    web.in_use.update(busy)  # the age sweep leaves a running batch's uploads alone
+    try:
+        with contextlib.ExitStack() as zips:  # each uploaded zip is opened (its directory read) once
+            return _tag_items(web, model, list(_upload_items(paths or [], web.limits, zips)), rules, size,
+                              progress)
+    finally:
+        web.in_use.difference_update(busy)
 
 
 def _tag_items(web: WebService, model: WebModel, items: list, rules: TagRules, size: int,

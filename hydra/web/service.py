@@ -100,7 +100,8 @@ class WebService:
         limits: request limits.
     """
 
-    def __init__(self, models: Sequence[WebModel], limits: Limits, decodes: int | None = None):
+    def __init__(self, models: Sequence[WebModel], limits: Limits, decodes: int | None = None,
+                 temp_max_age: float | None = None):
         names = [m.name for m in models]
         assert names and len(set(names)) == len(names), names
         self.models = {m.name: m for m in models}
@@ -112,10 +113,25 @@ class WebService:
         self.decodes = threading.BoundedSemaphore(self.decode_slots)
         self._cache_lock = threading.Lock()
         self._images: OrderedDict[str, _Entry] = OrderedDict()
-        self.tmpdir = tempfile.mkdtemp(prefix="hydra-webui-")
+        # Inside Gradio's temporary folder when app.py set one: Gradio then serves our files without a copy.
+        gradio_dir = os.environ.get("GRADIO_TEMP_DIR")
+        if gradio_dir:
+            os.makedirs(gradio_dir, exist_ok=True)
+        self.tmpdir = tempfile.mkdtemp(prefix="hydra-webui-", dir=gradio_dir or None)
+        self.in_use: set[str] = set()  # paths a running batch still reads (never swept)
+        self._stop = threading.Event()
+        if temp_max_age:
+            sweep_root = os.path.dirname(gradio_dir) if gradio_dir else self.tmpdir
+            threading.Thread(target=self._sweeper, args=(sweep_root, temp_max_age), daemon=True,
+                             name="temp-sweeper").start()
 
     def close(self) -> None:
+        self._stop.set()
         shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    def _sweeper(self, root: str, max_age: float) -> None:
+        while not self._stop.wait(min(60.0, max_age / 4)):
+            sweep(root, max_age, self.in_use | {self.tmpdir})
 
     def model(self, name: str | None = None) -> WebModel:
         """The model called `name` (None or "" = the default one)."""
@@ -277,6 +293,29 @@ class WebService:
               progress: Callable[[int, int], None] = lambda done, total: None) -> tuple[str, str, str]:
         """Tag many uploaded images and zips; returns (captions zip, probabilities CSV, summary)."""
         return batches.tag_uploads(self, model, paths, rules, size, progress)
+
+
+def sweep(root: str, max_age: float, keep: set[str] = frozenset()) -> int:
+    """Delete files under `root` last modified more than `max_age` seconds ago (not those in `keep`), then the
+    empty folders they leave (not those in `keep`); returns how many files were deleted."""
+    import time
+
+    cutoff, deleted = time.time() - max_age, 0
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            path = os.path.join(folder, name)
+            try:
+                if path not in keep and os.lstat(path).st_mtime < cutoff:
+                    os.unlink(path)
+                    deleted += 1
+            except OSError:
+                pass  # gone already, or in use (Windows)
+        if folder != root and folder not in keep:
+            try:
+                os.rmdir(folder)  # only if empty
+            except OSError:
+                pass
+    return deleted
 
 
 def _optional_str(fields: dict, name: str) -> str | None:
