@@ -14,8 +14,12 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import shutil
+import signal
 import sys
+import tempfile
 
 # What this server accepts from a client (flags can change the first two).
 MAX_UPLOAD_MB = 64            # one image: an upload, a URL's body, or a zip member
@@ -24,6 +28,7 @@ MAX_PIXELS = 2 * 89_478_485   # refuse larger images before decoding: Pillow's o
                               # (179 MP, ~540 MB decoded), which the original turns off
 BATCH_MAX_FILES = 2000        # images per batch request (zip members included)
 BATCH_MAX_MB = 1024           # total size of one batch request, uncompressed (also the upload limit for zips)
+TEMP_MAX_AGE = 60.0           # minutes a temporary file (upload, caption download, batch result) is kept
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 DEFAULT_THRESHOLD_ARG = "0.3"  # the UI slider's default, used when there is no usable calibration.csv
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"Largest accepted image, in MiB. (Default: {MAX_UPLOAD_MB})")
     g.add_argument("--url-timeout", type=float, default=URL_TIMEOUT,
                    help=f"Seconds allowed to fetch an image URL. (Default: {URL_TIMEOUT:g})")
+    g.add_argument("--temp-max-age", type=float, default=TEMP_MAX_AGE, metavar="MINUTES",
+                   help="Delete uploads, downloads and batch results older than this while serving (all of them "
+                        f"on exit). (Default: {TEMP_MAX_AGE:g})")
+    g.add_argument("--allow-private-urls", action="store_true",
+                   help="Also fetch image URLs on loopback, private and link-local addresses and this server's own "
+                        "(by default refused: with --share or --host 0.0.0.0 a client could probe your network). "
+                        "For a trusted LAN only.")
     g = p.add_argument_group("models")
     cli.add_model_flag(g, repeat=True, help_extra="Repeat to serve several: the UI gets a model selector and the "
                        "API a 'model' field, both naming models by file name; the first is the default. ")
@@ -84,8 +96,8 @@ def make_web(args: argparse.Namespace):
     from hydra.web.model import WebModel
     from hydra.web.service import Limits, WebService
 
-    if args.max_upload_mb <= 0 or args.url_timeout <= 0:
-        raise ValueError("--max-upload-mb and --url-timeout must be positive")
+    if not all(math.isfinite(v) and v > 0 for v in (args.max_upload_mb, args.url_timeout, args.temp_max_age)):
+        raise ValueError("--max-upload-mb, --url-timeout and --temp-max-age must be positive numbers")
     models = [cli.resolve_model(p) for p in args.model or [None]]
     _check_models(args, models)
     csv_threshold = startup_threshold() if any(f.calibration == "csv" for _, f in models) else None
@@ -104,8 +116,8 @@ def make_web(args: argparse.Namespace):
         loaded.append(WebModel(name, path, tagger, settings))
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=MAX_PIXELS,
                     url_timeout=args.url_timeout, batch_max_files=BATCH_MAX_FILES,
-                    batch_max_bytes=BATCH_MAX_MB * 2**20)
-    return WebService(loaded, limits)
+                    batch_max_bytes=BATCH_MAX_MB * 2**20, allow_private_urls=args.allow_private_urls)
+    return WebService(loaded, limits, temp_max_age=args.temp_max_age * 60)
 
 
 def family_flags(args: argparse.Namespace, family) -> dict:
@@ -147,6 +159,25 @@ def model_names(paths: list[str]) -> list[str]:
     return [n if names.count(n) == 1 else p for n, p in zip(names, paths)]
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """True if the server could not listen on (host, port): checked before the models load."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return False  # a bad host is for the server to report
+    for family, kind, proto, _, address in infos[:1]:
+        with socket.socket(family, kind, proto) as s:
+            if os.name != "nt":  # as uvicorn binds: a port in TIME_WAIT is free (SO_REUSEADDR means more on Windows)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(address)
+            except OSError:
+                return True
+    return False
+
+
 def main(args: argparse.Namespace) -> int:
     from hydra.common import log
     from hydra.hub import DownloadError
@@ -154,18 +185,41 @@ def main(args: argparse.Namespace) -> int:
     from hydra.tags.rules import DataFileError
     from hydra.web.page import launch
 
-    try:
-        web = make_web(args)
-    except (CheckpointError, DataFileError, DownloadError, OSError, ValueError) as e:
-        log(f"error: {e}")
+    if port_in_use(args.host, args.port):
+        log(f"error: port {args.port} is in use; use --port N")
         return 2
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        log(f"warning: listening on {args.host}: anyone who can reach this address can use the tagger.")
+    # Every temporary file of this server (Gradio's uploads and cached outputs, our captions and batch results)
+    # goes into one folder of this process, swept by age while serving and removed on every exit path.
+    root = tempfile.mkdtemp(prefix="hydra-webui-")
+    os.environ["GRADIO_TEMP_DIR"] = os.path.join(root, "gradio")
+    previous = {sig: signal.signal(sig, _interrupt) for sig in _EXIT_SIGNALS}
     try:
-        launch(web, args.host, args.port, args.share)
+        try:
+            web = make_web(args)
+        except (CheckpointError, DataFileError, DownloadError, OSError, ValueError) as e:
+            log(f"error: {e}")
+            return 2
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            log(f"warning: listening on {args.host}: anyone who can reach this address can use the tagger.")
+        log(f"Temporary files: {root} (files older than {args.temp_max_age:g} min are deleted; all on exit)")
+        try:
+            launch(web, args.host, args.port, args.share)
+        finally:
+            web.close()
     finally:
-        web.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        shutil.rmtree(root, ignore_errors=True)
     return 0
+
+
+# SIGTERM (kill, docker stop, systemd) and SIGHUP (the terminal closed) end the server as Ctrl-C does, so the
+# temporary folder is removed; Gradio's block_thread stops the server on KeyboardInterrupt.
+_EXIT_SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

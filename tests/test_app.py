@@ -22,6 +22,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zipfile
@@ -38,7 +39,7 @@ from hydra.tags.rules import TagSettings, format_caption, from_symmetric, load_c
 from hydra.testing.dinov3 import write_dinov3_checkpoint, write_vocab
 from hydra.testing.jtp3 import write_extension, write_model
 from hydra.web.model import SOURCE_DEFAULT, SOURCE_TOPK, SOURCE_UPLOAD, UserError
-from hydra.web.service import NO_CAM, Limits
+from hydra.web.service import FETCH_ERROR, NO_CAM, Limits
 
 ROOT = Path(__file__).resolve().parent.parent
 TAGS_CSV = ROOT / "data" / "jtp-3-hydra-tags.csv"
@@ -364,7 +365,7 @@ def test_bad_inputs_give_clear_errors(web, jtp, fixture_files, tmp_path):
     with pytest.raises(UserError, match="over the 1 MiB limit") as e:
         web.read_file(str(big))
     assert e.value.status == 413
-    with pytest.raises(UserError, match="Could not fetch the URL: only http"):
+    with pytest.raises(UserError, match=r"Could not fetch the URL \(refused"):
         web.fetch("file:///etc/passwd")
     with pytest.raises(UserError, match=r"Wrong calibration file: bad.csv: line 2: 'threshold' must be between"):
         jtp.load_calibration(str(fixture_files["bad_calibration"]))
@@ -455,6 +456,17 @@ def test_startup_fails_in_one_line_before_serving(fixture_files, capsys, flags, 
     assert err.count("error: ") == 1 and message in err and "Traceback" not in err
 
 
+def test_busy_port_is_reported_before_the_models_load(fixture_files, capsys, monkeypatch):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        monkeypatch.setattr(app, "make_web", lambda args: pytest.fail("the models were loaded"))
+        args = app.build_parser().parse_args(["-M", str(fixture_files["model"]), "--port", str(port)])
+        assert app.main(args) == 2
+    assert f"error: port {port} is in use; use --port N" in capsys.readouterr().err
+
+
 def test_sizes_out_of_range_are_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit) as e:
         app.build_parser().parse_args(["--max-size", "8"])
@@ -473,11 +485,14 @@ def test_model_names_are_file_names_unless_they_repeat():
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("server")
     files = make_fixture(folder)
-    proc, url = start_server(folder, server_args(files, "--max-upload-mb", "1"))
+    # the URL tests fetch from a server on 127.0.0.1: allowed by the trusted-LAN flag only
+    proc, url = start_server(folder, server_args(files, "--max-upload-mb", "1", "--allow-private-urls"))
     yield url, files, folder
-    stop_server(proc)
+    stop_server(proc)  # SIGTERM
     log = (folder / "server.log").read_text()
     assert "Traceback" not in log, log
+    temp = log.split("Temporary files: ", 1)[1].split(" (", 1)[0]
+    assert temp.startswith(tempfile.gettempdir()) and not os.path.exists(temp)  # removed on SIGTERM too
 
 
 @pytest.fixture(scope="module")
@@ -585,9 +600,119 @@ def test_api_url_fetch(server, image_server):
     by_url = api_tag(url, url=image_server + "/fox.png", threshold=0.0)
     assert by_url.status_code == 200, by_url.text
     assert by_url.json() == api_tag(url, files["image"].read_bytes(), threshold="0").json()
-    for bad in (image_server + "/to-file", "file:///etc/passwd", image_server + "/missing.png", "not a url"):
+    closed = free_port()
+    errors = set()
+    for bad in (image_server + "/to-file", "file:///etc/passwd", image_server + "/missing.png", "not a url",
+                f"http://127.0.0.1:{closed}/x.png", "http://[::1]:1/"):
         r = api_tag(url, url=bad)
-        assert r.status_code == 400 and r.json()["error"].startswith("Could not fetch the URL"), (bad, r.text)
+        assert r.status_code == 400, (bad, r.text)
+        errors.add(r.json()["error"])
+    assert errors == {FETCH_ERROR}  # one text: errors must not tell open ports from closed ones
+
+
+def test_decodes_are_bounded_and_the_rest_wait(web, jtp, fixture_files, monkeypatch):
+    """Decoding costs memory: at most `decodes` images are decoded at once, whatever the number of requests."""
+    from hydra.web.service import WebService, decode_slots
+
+    assert decode_slots(179_000_000, memory=8 * 2**30) == min(os.cpu_count(), 3)  # 4 GiB / 1.07 GB
+    assert decode_slots(179_000_000, memory=2**28) == 1 and decode_slots(2**20, memory=2**40) == os.cpu_count()
+    limited = WebService([jtp], web.limits, decodes=2)
+    state = {"now": 0, "max": 0, "calls": 0}
+    lock = threading.Lock()
+    real = jtp.tagger.preprocess
+
+    def counting(data):
+        with lock:
+            state["now"] += 1
+            state["calls"] += 1
+            state["max"] = max(state["max"], state["now"])
+        time.sleep(0.05)
+        try:
+            return real(data)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(jtp.tagger, "preprocess", counting)
+    data = fixture_files["image"].read_bytes()
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(lambda _: limited.tag_request({"threshold": "0"}, data), range(12)))
+    finally:
+        limited.close()
+    assert state["calls"] == 12 and state["max"] == 2
+    assert all(r == results[0] for r in results)
+
+
+@pytest.mark.parametrize("name", ["C:\\Users\\Public\\x.png", "https://e.x/a/C:\\Users\\Public\\x.png",
+                                  "..\\..\\x.png", "../../x.png", "/etc/x.png", "\\\\server\\share\\x.png",
+                                  "x:.png", "CON.png", "..", "", ".x.png", "a\x00b.png"])
+def test_download_names_stay_in_their_folder_on_windows_and_posix(name):
+    import ntpath
+    import posixpath
+
+    from hydra.web.handlers import download_name
+
+    stem = download_name(name)
+    assert stem and not set(stem) & set('/\\:<>"|?*\x00') and not stem.startswith(".")
+    for path in (ntpath, posixpath):
+        folder = path.join(path.sep, "tmp", "d")
+        joined = path.normpath(path.join(folder, stem + ".txt"))
+        assert path.dirname(joined) == folder, (path.__name__, joined)
+
+
+def test_zip_directory_read_once_and_member_count_capped(web, jtp, fixture_files, tmp_path, monkeypatch):
+    import zipfile as zipmodule
+
+    from hydra.web import batch
+
+    many = tmp_path / "many.zip"
+    with zipfile.ZipFile(many, "w") as zf:
+        zf.writestr("fox.png", fixture_files["image"].read_bytes())
+        for i in range(30):
+            zf.writestr(f"empty{i}.png", b"")
+    opened = []
+    real_init = zipmodule.ZipFile.__init__
+
+    def counting(self, *args, **kwargs):
+        opened.append(args[0] if args else kwargs.get("file"))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(zipmodule.ZipFile, "__init__", counting)
+    _, _, summary = web.batch(jtp, [str(many)], jtp.rules(), 1024)
+    assert "Tagged 1 image, 30 failed" in summary
+    assert [p for p in opened if str(p) == str(many)] == [str(many)]  # once, not once per member
+    monkeypatch.setattr(batch, "ZIP_MAX_MEMBERS", 20)
+    with pytest.raises(UserError, match="many.zip has 31 entries; at most 20 per zip"):
+        web.batch(jtp, [str(many)], jtp.rules(), 1024)
+
+
+def test_temporary_files_are_swept_by_age(tmp_path):
+    from hydra.web.service import sweep
+
+    old, new, kept = tmp_path / "a" / "old.png", tmp_path / "b" / "new.png", tmp_path / "c" / "kept.zip"
+    for path in (old, new, kept):
+        path.parent.mkdir()
+        path.write_bytes(b"x")
+    for path in (old, kept):
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
+    assert sweep(str(tmp_path), 3600, {str(kept)}) == 1
+    assert not old.exists() and not old.parent.exists() and new.exists() and kept.exists()
+
+
+def test_private_urls_are_refused_without_the_flag(web, monkeypatch):
+    import urllib3.util.connection
+
+    def connect(address, *args, **kwargs):
+        raise AssertionError(f"connected to {address}")
+
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", connect)
+    assert not web.limits.allow_private_urls
+    for url in ("http://127.0.0.1:7860/api/health", "http://[::ffff:127.0.0.1]/", "http://169.254.169.254/",
+                "http://0x7f.1/", "http://10.0.0.1/"):
+        with pytest.raises(UserError) as e:
+            web.tag_request({"url": url}, None)
+        assert str(e.value) == FETCH_ERROR
 
 
 def test_api_errors_are_4xx_json_and_the_server_keeps_serving(server):
@@ -604,6 +729,11 @@ def test_api_errors_are_4xx_json_and_the_server_keeps_serving(server):
         (api_tag(url, image, model=DINO, implications="inherit"), 400, "implication data"),
         (api_tag(url, image, threshold="0.2", topk="3"), 400, "either 'threshold' or 'topk'"),
         (api_tag(url, image, topk="0"), 400, "Top k must be a whole number"),
+        (api_tag(url, image, topk="inf"), 400, "Top k must be a whole number"),
+        (api_tag(url, image, topk="1e400"), 400, "Top k must be a whole number"),
+        (requests.post(url + "/api/tag", json={"url": "http://x", "topk": "nan"}), 400, "Top k must be"),
+        (requests.post(url + "/api/tag", data=b"[" * 100_000 + b"]" * 100_000,
+                       headers={"Content-Type": "application/json"}), 400, "nested too deeply"),
         (requests.post(url + "/api/tag", json={"url": "http://x", "model": 3}), 400, "'model' must be a string"),
         (requests.post(url + "/api/tag", data=b"hello", headers={"Content-Type": "text/plain"}), 415, "multipart"),
         (requests.post(url + "/api/tag", data=b"{", headers={"Content-Type": "application/json"}), 400, "JSON"),
@@ -614,6 +744,39 @@ def test_api_errors_are_4xx_json_and_the_server_keeps_serving(server):
         assert response.status_code == status, response.text
         assert text in response.json()["error"]
     assert api_tag(url, image).status_code == 200
+
+
+def test_health_answers_while_slow_url_fetches_wait(server):
+    """45 URL fetches held open by a slow server fill no pool that /api/health needs."""
+    url, _, _ = server
+    release = threading.Event()
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # noqa: N802
+            release.wait(30)
+            self.send_error(404)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    slow = f"http://127.0.0.1:{httpd.server_address[1]}/x.png"
+    pool = ThreadPoolExecutor(45)
+    try:
+        futures = [pool.submit(api_tag, url, url=slow) for _ in range(45)]
+        time.sleep(1.0)  # let them reach the server
+        assert not any(f.done() for f in futures)
+        health = requests.get(url + "/api/health", timeout=5)  # before: waited for the fetches (13 s)
+        assert health.status_code == 200 and not any(f.done() for f in futures)
+    finally:
+        release.set()
+        results = [f.result() for f in futures]
+        pool.shutdown()
+        httpd.shutdown()
+        httpd.server_close()
+    assert all(r.status_code == 400 for r in results)
 
 
 def test_concurrent_requests_agree(server):
@@ -718,7 +881,7 @@ def test_gradio_client_bad_uploads_are_messages(client, server):
     with pytest.raises(AppError, match="Not a usable image"):
         client.predict(handle_file(str(files["corrupt"])), 0.3, "Threshold slider", "off", [], 1024, "(none)", 1,
                        api_name="/tag_image")
-    with pytest.raises(AppError, match="only http"):
+    with pytest.raises(AppError, match=r"Could not fetch the URL \(refused"):
         client.predict("ftp://example.com/a.png", 0.3, "Threshold slider", "off", [], 1024, "(none)", 1,
                        api_name="/tag_url")
 

@@ -275,7 +275,7 @@ def test_sources_agree(tmp_path, monkeypatch):
     data = encode(img)
     path = tmp_path / "a.png"
     path.write_bytes(data)
-    monkeypatch.setattr(hydra.fetch, "fetch_url", lambda url: data if url == "https://e.x/a.png" else b"")
+    monkeypatch.setattr(hydra.fetch, "fetch_url", lambda url, **kwargs: data if url == "https://e.x/a.png" else b"")
     pre = Hydra35Preprocess(256)
     ref = pre.pixels(img)
     for source in (str(path), path, data, "https://e.x/a.png", Image.open(path)):

@@ -53,7 +53,7 @@ def open_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int 
     if is_url(source):
         from hydra.fetch import fetch_url
 
-        source = fetch_url(source)
+        source = fetch_url(source, allow_private=True)  # a local user's own URL (the server fetches itself)
     if isinstance(source, Image.Image):
         img = source
     else:

@@ -176,7 +176,7 @@ def open_vips(source: str | os.PathLike | bytes | Image.Image, max_pixels: int |
     if is_url(source):
         from hydra.fetch import fetch_url
 
-        source = fetch_url(source)
+        source = fetch_url(source, allow_private=True)  # a local user's own URL (the server fetches itself)
     if isinstance(source, Image.Image):
         return pil_to_vips(source)
     try:

@@ -10,35 +10,60 @@ from __future__ import annotations
 import json
 import traceback
 
+import anyio
 from fastapi import APIRouter, Request  # FastAPI and Starlette come with Gradio
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 from hydra.bulk.loader import describe_error
 from hydra.common import log
 from hydra.web.model import UserError
 from hydra.web.service import Limits, WebService
 
+# Threads of their own for /api/tag (not the shared pool that serves Gradio's routes): slow URL fetches wait
+# in one limiter, decoding and the model in another (which WebService bounds again by memory), and at most
+# MAX_PENDING requests are held at once (each up to the upload limit in memory); more get 503.
+FETCH_THREADS = 16
+WORK_THREADS = 8
+MAX_PENDING = 64
+
 
 def api_routes(web: WebService) -> list:
     """`POST /api/tag` and `GET /api/health`, as FastAPI routes to put in front of Gradio's."""
     router = APIRouter()
+    limiters: dict[str, anyio.CapacityLimiter] = {}
+    pending = [0]
+
+    def limiter(name: str) -> anyio.CapacityLimiter:  # made in the server's event loop, on first use
+        if name not in limiters:
+            limiters[name] = anyio.CapacityLimiter(FETCH_THREADS if name == "fetch" else WORK_THREADS)
+        return limiters[name]
 
     @router.get("/api/health")
-    def health() -> dict:
+    async def health() -> dict:  # on the event loop: no thread pool or queue that fetches could fill
         return web.health()
 
     @router.post("/api/tag")
     async def tag(request: Request):
+        if pending[0] >= MAX_PENDING:
+            return JSONResponse({"error": f"The server is busy ({MAX_PENDING} requests waiting); retry later."},
+                                status_code=503, headers={"Retry-After": "5"})
+        pending[0] += 1
         try:
             fields, data = await _read_tag_request(request, web.limits)
-            return JSONResponse(await run_in_threadpool(web.tag_request, fields, data))
+            url = fields.get("url")
+            web.request_settings(fields, data)  # a bad setting is refused before a URL is fetched
+            if data is None and isinstance(url, str) and url.strip():
+                data = await anyio.to_thread.run_sync(web.fetch, url, limiter=limiter("fetch"))
+            result = await anyio.to_thread.run_sync(web.tag_request, fields, data, limiter=limiter("work"))
+            return JSONResponse(result)
         except UserError as e:
             return JSONResponse({"error": str(e)}, status_code=e.status)
         except Exception as e:  # never a traceback to the client; the server log has it
             log("HTTP API: unexpected error:")
             traceback.print_exc()
             return JSONResponse({"error": f"internal error: {describe_error(e)}"}, status_code=500)
+        finally:
+            pending[0] -= 1
 
     return router.routes
 
@@ -63,6 +88,8 @@ async def _read_tag_request(request: Request, limits: Limits) -> tuple[dict, byt
             fields = json.loads(body or b"{}")
         except (ValueError, UnicodeDecodeError):
             raise UserError("The body is not valid JSON.") from None
+        except RecursionError:
+            raise UserError("The JSON body is nested too deeply.") from None
         if not isinstance(fields, dict):
             raise UserError("The JSON body must be an object such as {\"url\": \"https://...\"}.")
         return fields, None

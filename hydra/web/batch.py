@@ -6,6 +6,7 @@ bad file (or zip member) is listed in the summary without stopping the batch.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import posixpath
@@ -23,12 +24,24 @@ if TYPE_CHECKING:
     from hydra.web.service import Limits, WebService
 
 BATCH_SIZE = 4  # images per model call in a batch
+ZIP_MAX_MEMBERS = 20_000  # entries of one uploaded zip (any kind): its directory is read into memory
 
 
 def tag_uploads(web: WebService, model: WebModel, paths: list[str], rules: TagRules, size: int,
             progress: Callable[[int, int], None]) -> tuple[str, str, str]:
     """Tag many uploaded images and zips; returns (captions zip, probabilities CSV, summary)."""
-    items = list(_upload_items(paths or [], web.limits))
+    busy = {os.path.abspath(p) for p in paths or []} - web.in_use
+    web.in_use.update(busy)  # the age sweep leaves a running batch's uploads alone
+    try:
+        with contextlib.ExitStack() as zips:  # each uploaded zip is opened (its directory read) once
+            return _tag_items(web, model, list(_upload_items(paths or [], web.limits, zips)), rules, size,
+                              progress)
+    finally:
+        web.in_use.difference_update(busy)
+
+
+def _tag_items(web: WebService, model: WebModel, items: list, rules: TagRules, size: int,
+               progress: Callable[[int, int], None]) -> tuple[str, str, str]:
     if not items:
         raise UserError("No images in the upload (zips are searched for image files).")
     out = tempfile.mkdtemp(dir=web.tmpdir)
@@ -40,7 +53,7 @@ def tag_uploads(web: WebService, model: WebModel, paths: list[str], rules: TagRu
                 names, samples = [], []
                 for name, read in items[start:start + BATCH_SIZE]:
                     try:
-                        samples.append(model.preprocess(read(), size))
+                        samples.append(web.preprocess(model, read(), size))
                         names.append(name)
                     except Exception as e:  # one bad file (or zip member) never stops the batch
                         failures.append((name, str(e) if isinstance(e, UserError) else describe_error(e)))
@@ -57,13 +70,14 @@ def tag_uploads(web: WebService, model: WebModel, paths: list[str], rules: TagRu
     lines += [f"- `{name}`: {reason}" for name, reason in failures[:50]]
     return zip_path, csv_path, "\n".join(lines)
 
-def _upload_items(paths: list[str], limits: Limits) -> Iterator[tuple[str, Callable[[], bytes]]]:
+def _upload_items(paths: list[str], limits: Limits,
+                  zips: contextlib.ExitStack) -> Iterator[tuple[str, Callable[[], bytes]]]:
     """(name, read) for every uploaded file, and for every image inside uploaded zips."""
     count, total, cap = 0, 0, limits.max_upload_bytes
     exts = image_extensions()
     for path in paths:
         if zipfile.is_zipfile(path):
-            members = _zip_members(path, exts, cap)
+            members = _zip_members(zips.enter_context(zipfile.ZipFile(path)), os.path.basename(path), exts, cap)
         else:
             members = [(os.path.basename(path), os.path.getsize(path), functools.partial(_read, path, cap))]
         for name, size, read in members:
@@ -84,26 +98,30 @@ def _read(path: str, cap: int) -> bytes:
     return data
 
 
-def _zip_members(path: str, exts: frozenset[str], cap: int) -> list[tuple[str, int, Callable[[], bytes]]]:
-    """Image members of a zip with safe relative names; sizes are the declared uncompressed sizes."""
+def _zip_members(zf: zipfile.ZipFile, shown: str, exts: frozenset[str],
+                 cap: int) -> list[tuple[str, int, Callable[[], bytes]]]:
+    """Image members of an open zip with safe relative names; sizes are the declared uncompressed sizes."""
+    infos = zf.infolist()
+    if len(infos) > ZIP_MAX_MEMBERS:
+        raise UserError(f"{shown} has {len(infos)} entries; at most {ZIP_MAX_MEMBERS} per zip.", 413)
+
     def read(info: zipfile.ZipInfo) -> bytes:
-        with zipfile.ZipFile(path) as zf, zf.open(info) as f:
+        with zf.open(info) as f:
             data = f.read(cap + 1)  # the declared size may lie: read at most one byte over the cap
         if len(data) > cap:
             raise UserError(f"over the {cap / 2**20:.0f} MiB limit per image", 413)
         return data
 
     out = []
-    with zipfile.ZipFile(path) as zf:
-        for info in zf.infolist():
-            parts = [p for p in posixpath.normpath(info.filename.replace("\\", "/")).split("/")
-                     if p not in ("", ".", "..")]
-            name = "/".join(parts)
-            if info.is_dir() or not parts or any(p.startswith(".") or p == "__MACOSX" for p in parts):
-                continue
-            suffix = os.path.splitext(name)[1].lower()
-            if suffix in exts and suffix not in SKIP_SUFFIXES:
-                out.append((name, info.file_size, functools.partial(read, info)))
+    for info in infos:
+        parts = [p for p in posixpath.normpath(info.filename.replace("\\", "/")).split("/")
+                 if p not in ("", ".", "..")]
+        name = "/".join(parts)
+        if info.is_dir() or not parts or any(p.startswith(".") or p == "__MACOSX" for p in parts):
+            continue
+        suffix = os.path.splitext(name)[1].lower()
+        if suffix in exts and suffix not in SKIP_SUFFIXES:
+            out.append((name, info.file_size, functools.partial(read, info)))
     return out
 
 

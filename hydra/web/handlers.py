@@ -16,7 +16,7 @@ import functools
 import hashlib
 import html
 import os
-import posixpath
+import re
 import time
 import traceback
 from collections.abc import Callable
@@ -43,6 +43,7 @@ TOP_K = 250  # tags in the scored list (the original's num_top_classes), and the
 IMPLICATIONS_INFO = ("As inference.py -i. inherit: a tag gets the best probability of the tags implying it; "
                      "constrain: the lowest of the tags it implies; remove: only the most specific tags.")
 CATEGORY_ORDER = [*sorted(k for k in E621_CATEGORY_NAMES if k != UNASSIGNED), UNASSIGNED]  # e621 ids, -1 last
+WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"{p}{i}" for p in ("COM", "LPT") for i in range(10))}
 EMPTY = ("", None, "", None, "")  # caption, tag list, groups, download, status
 
 
@@ -139,7 +140,7 @@ class Handlers:
     def on_url(self, url, threshold, source, calibration, mode, exclude, seqlen, cam_tag, depth, model=None,
                max_size=None, topk=None, metric=None):
         data = self.web.fetch(url)
-        name = posixpath.basename(url.split("?")[0].split("#")[0].rstrip("/")) or "image"
+        name = url.split("?")[0].split("#")[0]
         s = Settings(threshold, source, calibration, mode, exclude, seqlen, model, max_size, topk, metric)
         return self.show(data, name, s, cam_tag, depth)
 
@@ -244,11 +245,23 @@ def groups_html(m: WebModel, tags: list[tuple[str, float]]) -> str:
                    for name in order if name in groups)
 
 
+def download_name(name: str) -> str:
+    """A safe file stem for a download named after `name` (an upload's or a URL's last part): the last
+    segment after any `/` or `\\` (so `C:\\Users\\x.png` or `../x.png` names nothing outside the folder on any
+    system), without its extension, drive colons, control or reserved characters and leading dots."""
+    base = re.split(r"[\\/]", name or "")[-1]
+    stem = os.path.splitext(base)[0] if base not in (".", "..") else ""
+    stem = re.sub(r'[\x00-\x1f<>:"|?*]', "_", stem).strip(" .")[:200]
+    if stem.split(".")[0].upper() in WINDOWS_RESERVED:
+        stem = "_" + stem
+    return stem or "image"
+
+
 def caption_file(web: WebService, name: str, caption: str) -> str:
     """The caption as a .txt download named after the image (one folder per distinct caption)."""
     folder = os.path.join(web.tmpdir, hashlib.sha1(caption.encode()).hexdigest()[:16])
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, (os.path.splitext(name)[0] or "image") + ".txt")
+    path = os.path.join(folder, download_name(name) + ".txt")
     with open(path, "w", encoding="utf-8", newline="") as f:
         f.write(caption)
     return path

@@ -15,6 +15,7 @@ CLI); implications, category exclusion, the image size and a top-k selection can
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -250,7 +251,7 @@ def parse_topk(value: float | str) -> int:
         k = float(value)
     except (TypeError, ValueError):
         k = float("nan")
-    if isinstance(value, bool) or not (k >= 1 and k == int(k)):  # also false for NaN and inf
+    if isinstance(value, bool) or not (math.isfinite(k) and k >= 1 and k == int(k)):
         raise UserError(f"Top k must be a whole number of at least 1, got {value!r}.")
     return int(k)
 
@@ -258,6 +259,9 @@ def parse_topk(value: float | str) -> int:
 def clamp_int(value, low: int, high: int, what: str) -> int:
     """A slider value as an int clamped to [low, high] (sliders can only overshoot through the API)."""
     try:
-        return int(np.clip(round(float(value)), low, high))
+        number = float(value)
+        if isinstance(value, bool) or not math.isfinite(number):
+            raise ValueError(value)
+        return int(np.clip(round(number), low, high))
     except (TypeError, ValueError, OverflowError):
         raise UserError(f"{what} must be a number from {low} to {high}.") from None

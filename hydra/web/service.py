@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from hydra.bulk.loader import describe_error
+from hydra.common import log
 from hydra.fetch import FetchError, fetch_url
 from hydra.images.decode import open_image
 from hydra.tags.rules import TagRules
@@ -29,8 +30,42 @@ from hydra.web import batch as batches
 from hydra.web.cam import block_outputs, class_activation_map, display_image, draw_overlay
 from hydra.web.model import SOURCE_MODEL, SOURCE_SLIDER, SOURCE_TOPK, UserError, WebModel, clamp_int
 
+# Every refused or failed URL fetch shows this one text (the log has the reason): distinct errors would tell a
+# remote client which ports are open on the server's network.
+FETCH_ERROR = ("Could not fetch the URL (refused, unreachable, no answer in time, an HTTP error, not http(s), "
+               "or over the size limit); the server log has the reason.")
 CACHE_IMAGES = 16            # recent images kept for re-filtering (bytes + display image + probabilities)
 NO_CAM = "(none)"
+
+
+DECODE_BYTES_PER_PIXEL = 6   # peak memory of decoding one pixel (a 13000 x 13000 PNG took ~0.85 GB: 5 B/px)
+DECODE_MEMORY_SHARE = 0.5    # of the memory available at start-up, for concurrent decodes
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (Linux MemAvailable, else free pages), None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def decode_slots(max_pixels: int, memory: int | None = None) -> int:
+    """How many images may be decoded at once: as many as half the available memory holds at the worst case
+    (`max_pixels` x 6 bytes each), at least 1 and at most the CPU count (decoding is CPU-bound); the CPU count
+    when the memory is unknown. Requests beyond it wait their turn."""
+    cpus = max(1, os.cpu_count() or 1)
+    memory = available_memory() if memory is None else memory
+    if memory is None:
+        return cpus
+    return max(1, min(cpus, int(memory * DECODE_MEMORY_SHARE // (max_pixels * DECODE_BYTES_PER_PIXEL))))
 
 
 @dataclass(frozen=True)
@@ -42,6 +77,7 @@ class Limits:
     url_timeout: float       # seconds for a whole URL fetch
     batch_max_files: int     # images in one batch request (zip members included)
     batch_max_bytes: int     # total bytes of one batch request, uncompressed
+    allow_private_urls: bool = False  # fetch URLs on loopback, private and link-local addresses (trusted LAN)
 
 
 @dataclass
@@ -64,19 +100,38 @@ class WebService:
         limits: request limits.
     """
 
-    def __init__(self, models: Sequence[WebModel], limits: Limits):
+    def __init__(self, models: Sequence[WebModel], limits: Limits, decodes: int | None = None,
+                 temp_max_age: float | None = None):
         names = [m.name for m in models]
         assert names and len(set(names)) == len(names), names
         self.models = {m.name: m for m in models}
         self.default = models[0]
         self.limits = limits
         self.lock = threading.Lock()  # one forward (or CAM) at a time, whichever the model: they share a device
+        # decoding is where memory goes (0.85 GB for one 13000^2 PNG of 160 KB): a bounded number at once
+        self.decode_slots = decodes or decode_slots(limits.max_pixels)
+        self.decodes = threading.BoundedSemaphore(self.decode_slots)
         self._cache_lock = threading.Lock()
         self._images: OrderedDict[str, _Entry] = OrderedDict()
-        self.tmpdir = tempfile.mkdtemp(prefix="hydra-webui-")
+        # Inside Gradio's temporary folder when app.py set one: Gradio then serves our files without a copy.
+        gradio_dir = os.environ.get("GRADIO_TEMP_DIR")
+        if gradio_dir:
+            os.makedirs(gradio_dir, exist_ok=True)
+        self.tmpdir = tempfile.mkdtemp(prefix="hydra-webui-", dir=gradio_dir or None)
+        self.in_use: set[str] = set()  # paths a running batch still reads (never swept)
+        self._stop = threading.Event()
+        if temp_max_age:
+            sweep_root = os.path.dirname(gradio_dir) if gradio_dir else self.tmpdir
+            threading.Thread(target=self._sweeper, args=(sweep_root, temp_max_age), daemon=True,
+                             name="temp-sweeper").start()
 
     def close(self) -> None:
+        self._stop.set()
         shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    def _sweeper(self, root: str, max_age: float) -> None:
+        while not self._stop.wait(min(60.0, max_age / 4)):
+            sweep(root, max_age, self.in_use | {self.tmpdir})
 
     def model(self, name: str | None = None) -> WebModel:
         """The model called `name` (None or "" = the default one)."""
@@ -104,9 +159,11 @@ class WebService:
 
     def fetch(self, url: str) -> bytes:
         try:
-            return fetch_url(url, timeout=self.limits.url_timeout, max_bytes=self.limits.max_upload_bytes)
+            return fetch_url(url, timeout=self.limits.url_timeout, max_bytes=self.limits.max_upload_bytes,
+                             allow_private=self.limits.allow_private_urls)
         except FetchError as e:
-            raise UserError(f"Could not fetch the URL: {e}.") from None
+            log(f"URL fetch failed: {e}")
+            raise UserError(FETCH_ERROR) from None
 
     def decode(self, data: bytes) -> Image.Image:
         """The image as the page shows it (EXIF-oriented); the models decode the bytes themselves."""
@@ -123,7 +180,8 @@ class WebService:
                 self._images.move_to_end(key)
                 self._images[key].name = name  # the caption download is named after the latest upload
                 return key
-        entry = _Entry(data, name, display_image(self.decode(data)))
+        with self.decodes:
+            entry = _Entry(data, name, display_image(self.decode(data)))
         with self._cache_lock:
             self._images[key] = entry
             while len(self._images) > CACHE_IMAGES:
@@ -139,6 +197,11 @@ class WebService:
 
     # -- the models ---------------------------------------------------------------------------------
 
+    def preprocess(self, model: WebModel, data: bytes, size: int) -> dict:
+        """`model.preprocess` within the decode limit (waits for a free slot)."""
+        with self.decodes:
+            return model.preprocess(data, size)
+
     def predict(self, model: WebModel, samples: list[dict]) -> np.ndarray:
         """(B, T) probabilities of preprocessed images, with the CLI's own `predict_samples`."""
         with self.lock:
@@ -151,7 +214,7 @@ class WebService:
         entry = self.entry(key)
         sample = entry.samples.get((model.name, size))
         if sample is None:
-            sample = model.preprocess(entry.data, size)
+            sample = self.preprocess(model, entry.data, size)
             if model.cam_depth is not None:
                 entry.samples[model.name, size] = sample
         return sample
@@ -188,14 +251,24 @@ class WebService:
     def tag_request(self, fields: dict, data: bytes | None) -> dict:
         """`POST /api/tag` once the body is parsed: the image bytes (or `url`) and the optional fields
         `model`, `threshold` or `topk`, `implications`, `exclude`."""
+        model, rules = self.request_settings(fields, data)
+        if data is None:
+            data = self.fetch(fields["url"])
+        if not data:
+            raise UserError("The image is empty.")
+        sample = self.preprocess(model, data, model.default_size)
+        tags = model.classify(self.predict(model, [sample])[0], rules)
+        return {"model": model.name,
+                "tags": [{"tag": t, "probability": p, "category": model.category_name(t)} for t, p in tags],
+                "caption": model.caption(tags)}
+
+    def request_settings(self, fields: dict, data: bytes | None) -> tuple[WebModel, TagRules]:
+        """The model and validated tag rules of an API request (checked before any URL is fetched)."""
         model = self.model(_optional_str(fields, "model"))
         if data is None:
             url = fields.get("url")
             if not isinstance(url, str) or not url.strip():
                 raise UserError("Send an 'image' file (multipart/form-data) or a 'url' (JSON or form field).")
-            data = self.fetch(url)
-        if not data:
-            raise UserError("The image is empty.")
         threshold, topk, metric = fields.get("threshold"), fields.get("topk"), _optional_str(fields, "metric")
         given = [name for name, v in (("threshold", threshold), ("topk", topk), ("metric", metric)) if v not in (None, "")]
         if len(given) > 1:
@@ -208,12 +281,8 @@ class WebService:
         if not isinstance(exclude, list) or not all(isinstance(x, str) for x in exclude):
             raise UserError("'exclude' must be a category name or a list of them.")
         exclude = [c for x in exclude for c in x.replace(",", " ").split()]
-        rules = model.rules(threshold, source, None, _optional_str(fields, "implications"), exclude, topk, metric)
-        sample = model.preprocess(data, model.default_size)
-        tags = model.classify(self.predict(model, [sample])[0], rules)
-        return {"model": model.name,
-                "tags": [{"tag": t, "probability": p, "category": model.category_name(t)} for t, p in tags],
-                "caption": model.caption(tags)}
+        return model, model.rules(threshold, source, None, _optional_str(fields, "implications"), exclude, topk,
+                                  metric)
 
     def health(self) -> dict:
         """`GET /api/health`: the default model's description at the top level, every model under "models"."""
@@ -224,6 +293,29 @@ class WebService:
               progress: Callable[[int, int], None] = lambda done, total: None) -> tuple[str, str, str]:
         """Tag many uploaded images and zips; returns (captions zip, probabilities CSV, summary)."""
         return batches.tag_uploads(self, model, paths, rules, size, progress)
+
+
+def sweep(root: str, max_age: float, keep: set[str] = frozenset()) -> int:
+    """Delete files under `root` last modified more than `max_age` seconds ago (not those in `keep`), then the
+    empty folders they leave (not those in `keep`); returns how many files were deleted."""
+    import time
+
+    cutoff, deleted = time.time() - max_age, 0
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            path = os.path.join(folder, name)
+            try:
+                if path not in keep and os.lstat(path).st_mtime < cutoff:
+                    os.unlink(path)
+                    deleted += 1
+            except OSError:
+                pass  # gone already, or in use (Windows)
+        if folder != root and folder not in keep:
+            try:
+                os.rmdir(folder)  # only if empty
+            except OSError:
+                pass
+    return deleted
 
 
 def _optional_str(fields: dict, name: str) -> str | None:
