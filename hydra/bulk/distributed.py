@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from hydra.bulk.loader import ImageLoader
 from hydra.bulk.run import CaptionSink, CsvSink, PrintSink, Summary
-from hydra.cli import positive_int
+from hydra.cli import caption_options, positive_int
 from hydra.common import AtomicFile, atomic_write, log
 from hydra.images.decode import is_url
 
@@ -342,7 +342,10 @@ class _Plan:
         if args.output == "-":
             self.stdout_sink, self.needed = CsvSink("-", self.labels, header_on_stdout), None
         elif args.format:
-            self.stdout_sink, self.needed = PrintSink(args.format, self.rules), self.rules.active()
+            options = caption_options(args)
+            text = lambda path, tags: settings.captions.caption(tags, args.prefix, args.shuffle,  # noqa: E731
+                                                                first=options.first(path))
+            self.stdout_sink, self.needed = PrintSink(args.format, self.rules, caption=text), self.rules.active()
         elif args.output:
             self.folder, self.needed = os.path.abspath(args.output), None
             done = open_folder(self.folder, args.shard_format, self.labels)
@@ -435,7 +438,7 @@ def _execute(plan: _Plan, args: argparse.Namespace, pool: tuple[int, dict[str, f
                             batch_size=args.shard_rows, batch_format="numpy")
     elif plan.stdout_sink is None:
         sink = CaptionSink(plan.rules, plan.captions, args.prefix, args.shuffle,
-                           append=getattr(args, "existing", "") == "append")
+                           append=getattr(args, "existing", "") == "append", options=caption_options(args))
         # batch_size=None: each model batch is written as it comes (no waiting for more rows)
         ds = ds.map_batches(write_captions, fn_kwargs={"sink": sink}, batch_size=None, batch_format="numpy")
 
