@@ -4,6 +4,8 @@ Examples:
     python inference.py -r pictures/                 # .txt captions beside every image, recursively
     python inference.py -t 0.2 -x meta -r pictures/  # lower threshold, no meta tags
     python inference.py -o probs.csv pictures/       # raw probabilities of every tag as CSV
+    python inference.py -r --trigger-from-folder --undesired-tags "text, signature" --max-tags 40 \\
+        --output-dir captions/ train/                # kohya-style dataset captions in another folder tree
     python inference.py                              # interactive mode
 """
 
@@ -17,7 +19,7 @@ import sys
 from hydra import cli
 from hydra.bulk import distributed, interactive
 from hydra.bulk.report import DatasetReport
-from hydra.bulk.run import EXISTING, FORMATS, CaptionSink, CsvSink, PrintSink, caption_path, iter_images, run_bulk
+from hydra.bulk.run import EXISTING, FORMATS, CaptionSink, CsvSink, PrintSink, iter_images, run_bulk
 from hydra.common import exit_quietly_on_broken_pipe, log
 from hydra.hub import DownloadError
 from hydra.images.decode import is_url
@@ -82,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "unless -t is given)")
     g = p.add_argument_group("output")
     g.add_argument("-p", "--prefix", default="",
-                   help="Prefix all .txt caption files with the specified text. If the prefix matches a tag, "
-                        "the tag will not be repeated.")
+                   help="Prefix all .txt caption files with the specified text: tags or trigger words separated by "
+                        "commas (or the separator), e.g. -p 'my_style, anthro'. A tag it names (in any spelling) "
+                        "is written in caption spelling and not repeated.")
     g.add_argument("-o", "--output", metavar="PATH",
                    help="Path for CSV output, or '-' for standard output. If not specified, individual .txt "
                         "caption files are written.")
@@ -95,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Do not rewrite tags for compatibility with diffusion models.")
     g.add_argument("--format", choices=FORMATS,
                    help="Print each image's tags to standard output in this format instead of writing .txt "
-                        "captions (json: one array at the end; jsonl: one object per line).")
+                        "captions (tags: the caption the .txt file would hold; names: the tag names, most "
+                        "probable first; json: one array at the end; jsonl: one object per line).")
     g.add_argument("--existing", choices=EXISTING,
                    help="What to do with a .txt caption that already exists: overwrite it (the original's "
                         "behaviour), skip the image (so rerunning a stopped run finishes it), or append the new "
@@ -113,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="File of aliases, one 'OLD NEW' per line ('#' starts a comment).")
     g.add_argument("-B", "--category-prefix", metavar=("CATEGORY", "PREFIX"), nargs=2, action="append", default=[],
                    help="Prepend PREFIX to every caption tag of CATEGORY (e.g. -B artist 'by ').")
+    cli.add_caption_flags(g)
     g = p.add_argument_group("model")
     cli.add_model_flag(g)
     cli.add_metadata_flag(g)
@@ -153,9 +158,13 @@ def main(args: argparse.Namespace) -> int:
     captions = not (args.output or args.format)
     if args.existing not in (None, "overwrite") and not captions:
         log(f"note: --existing {args.existing} applies to .txt captions; -o/--format output is written in full")
+    if ignored := unused_caption_options(args):
+        log(f"note: {', '.join(ignored)} appl{'ies' if len(ignored) == 1 else 'y'} to caption files; "
+            f"{'-o writes every probability' if args.output else '--format prints to standard output'}")
     args.existing = args.existing or ("skip" if args.ray is not None else "overwrite")
+    options = cli.caption_options(args)
     if args.existing == "skip" and captions:
-        todo = [p for p in paths if not os.path.exists(caption_path(p))]
+        todo = [p for p in paths if not os.path.exists(options.path(p))]
         skipped, paths = len(paths) - len(todo), todo
     if args.ray is not None:  # the same run on Ray Data; exits 2 with an install hint when Ray is missing
         return distributed.run(args, paths, tagger, settings, skipped=skipped, failed=len(scan_errors))
@@ -167,13 +176,15 @@ def main(args: argparse.Namespace) -> int:
     if args.output:
         sink = CsvSink(args.output, settings.labels, header_on_stdout=tagger.family.csv_header_on_stdout)
     elif args.format:
-        sink = PrintSink(args.format, settings.rules())
+        captions_of = lambda path, tags: settings.captions.caption(tags, args.prefix, args.shuffle,  # noqa: E731
+                                                                   first=options.first(path))
+        sink = PrintSink(args.format, settings.rules(), caption=captions_of)
     elif any(is_url(p) for p in paths):
         log("error: URLs have no folder to write a caption into; use --format or -o with URL inputs")
         return 2
     else:
         sink = CaptionSink(settings.rules(), settings.captions, args.prefix, args.shuffle,
-                           append=args.existing == "append")
+                           append=args.existing == "append", options=options)
     report = DatasetReport.for_settings(settings) if args.report is not None else None
     summary = run_bulk(tagger, paths, sink, batch_size=args.batch, workers=cli.worker_count(args.workers, len(paths)),
                        share_memory=not args.no_shm, report=report)
@@ -197,6 +208,28 @@ def report_error(args: argparse.Namespace) -> str | None:
         return "not available with --ray"
     folder = os.path.dirname(os.path.abspath(args.report))
     return None if os.path.isdir(folder) else f"folder {folder} does not exist"
+
+
+def unused_caption_options(args: argparse.Namespace) -> list[str]:
+    """The caption options given that do not apply to this run's output (README: caption options and -o).
+
+    -o (raw probabilities of every tag): none of the caption options. --format: the tag selection applies
+    (undesired tags, --max-tags, --category-threshold), and to `tags` also the spelling (separator, -p,
+    trigger words); where files go does not.
+    """
+    if not (args.output or args.format):
+        return []
+    given = {"--caption-extension": args.caption_extension != ".txt", "--output-dir": args.output_dir is not None}
+    spelling = {"--trigger-from-folder": args.trigger_from_folder, "--separator": args.separator is not None,
+                "--replace-tag": bool(args.replace_tag)}
+    selection = {"--undesired-tags": bool(args.undesired_tags or args.undesired_tags_file),
+                 "--max-tags": args.max_tags is not None,
+                 "--category-threshold": bool(args.category_threshold)}
+    if args.output or args.format != "tags":
+        given |= spelling
+    if args.output:
+        given |= selection
+    return [flag for flag, used in given.items() if used]
 
 
 def _terminate(signum: int, frame: object) -> None:

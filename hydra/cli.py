@@ -146,6 +146,99 @@ def add_loader_flags(group, *, unset: bool = False, batch_default: int = 1) -> N
                        help="Pass decoded images through pipes instead of shared memory.")
 
 
+def add_caption_flags(group) -> None:
+    """inference.py's caption options beyond the original's (the kohya / TagGUI ones; README "coming from kohya")."""
+    group.add_argument("--caption-extension", metavar="EXT", default=".txt",
+                       help="File extension of caption files, with or without the dot (e.g. .caption). "
+                            "(Default: .txt)")
+    group.add_argument("--output-dir", metavar="DIR",
+                       help="Write captions into DIR instead of beside the images, mirroring each folder "
+                            "argument's tree (DIR/sub/name.txt); images given as files go directly into DIR. "
+                            "Folders are created as needed.")
+    group.add_argument("--trigger-from-folder", action="store_true",
+                       help="kohya's N_name/ folders: 'name' becomes the first tag of every caption of an image in "
+                            "such a folder (its direct parent; other folders add nothing).")
+    group.add_argument("--undesired-tags", metavar="TAGS", action="append", default=[],
+                       help="Comma-separated tags never to output, in e621 or caption spelling (e.g. "
+                            "'text, signature, watermark'); '@FILE' reads them from a file. May be repeated.")
+    group.add_argument("--undesired-tags-file", metavar="PATH", action="append", default=[],
+                       help="File of tags never to output: comma-separated or one per line, e621 or caption "
+                            "spelling ('#' starts a comment).")
+    group.add_argument("--replace-tag", metavar="OLD=NEW", action="append", default=[], type=replacement,
+                       help="Write tag OLD as NEW in captions (OLD in e621 or caption spelling; the same as -a OLD "
+                            "NEW). May be specified multiple times; -A reads a file of them.")
+    group.add_argument("--max-tags", metavar="N", type=positive_int,
+                       help="At most the N most probable tags of each caption, among those that pass the thresholds "
+                            "and rules (prefix and trigger words not counted).")
+    group.add_argument("--category-threshold", metavar="CATEGORY=T", action="append", default=[],
+                       type=category_threshold,
+                       help="Threshold for every tag of a category (or the subcategory color or rating), on the "
+                            "scale of -t, e.g. character=0.7; replaces -t and calibrated thresholds for those "
+                            "tags. May be specified multiple times.")
+    group.add_argument("--separator", metavar="SEP",
+                       help="Text between caption tags. (Default: ', ', or ' ' with -u)")
+    group.add_argument("--spaces", action="store_true",
+                       help="Write underscores as spaces in caption tags (the default; overrides -u).")
+
+
+def replacement(text: str) -> tuple[str, str]:
+    """argparse type of `--replace-tag OLD=NEW`."""
+    old, sep, new = text.partition("=")
+    if not sep or not old.strip() or not new.strip():
+        raise argparse.ArgumentTypeError(f"expected OLD=NEW, got {text!r}")
+    return old.strip(), new.strip()
+
+
+def category_threshold(text: str) -> tuple[str, float]:
+    """argparse type of `--category-threshold CATEGORY=T`: T a number on the scale of `-t` (the category is
+    checked against the model's categories once they are loaded)."""
+    from hydra.tags.rules import parse_threshold
+
+    name, sep, value = text.rpartition("=")
+    try:
+        number = float(value)
+        if not sep or not name.strip():
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CATEGORY=THRESHOLD such as character=0.7, got {text!r}") from None
+    try:
+        return name.strip(), float(parse_threshold(number))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def undesired_tags(args: argparse.Namespace) -> list[str]:
+    """The names of `--undesired-tags` (comma-separated, `@FILE`) and `--undesired-tags-file`, in order."""
+    from hydra.tags.rewrite import strip_comment
+
+    def read(path: str) -> list[str]:
+        try:
+            with open(path, encoding="utf-8-sig") as f:
+                return [t for line in f for t in split(strip_comment(line.rstrip("\r\n")))]
+        except OSError as e:
+            raise ValueError(f"undesired tags file {path!r}: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"undesired tags file {path!r}: not UTF-8 text") from None
+
+    def split(text: str) -> list[str]:
+        return [t.strip() for t in text.split(",") if t.strip()]
+
+    names: list[str] = []
+    for value in getattr(args, "undesired_tags", None) or []:
+        names += read(value[1:]) if value.startswith("@") else split(value)
+    for path in getattr(args, "undesired_tags_file", None) or []:
+        names += read(path)
+    return names
+
+
+def caption_options(args: argparse.Namespace):
+    """Where captions go (`--caption-extension`, `--output-dir`) and `--trigger-from-folder`, for the sinks."""
+    from hydra.bulk.run import CaptionOptions
+
+    return CaptionOptions.create(getattr(args, "paths", None) or [], getattr(args, "caption_extension", None) or ".txt",
+                                 getattr(args, "output_dir", None), bool(getattr(args, "trigger_from_folder", False)))
+
+
 def add_max_pixels_flag(group) -> None:
     group.add_argument("--max-pixels", metavar="N", type=pixels, default=DEFAULT_MAX_PIXELS,
                        help="Refuse images with more pixels than this, before decoding them; suffixes K, M, G "
@@ -196,13 +289,22 @@ def load_run(args: argparse.Namespace) -> tuple[Tagger, TagSettings]:
 
     Uses: model (-M), device, dtype, the size flags, extensions (-e/-E), DINOv3's flags, max_pixels,
     metadata (-m), threshold (-t), metric, implications (-i), exclude (-x/-C), exclude_tag(s), groups (-g/-G),
-    topk, original_tags (-O), aliases (-a/-A), category prefixes (-B), underscores (-u), prompt (-P). Flags a
-    script does not declare take their defaults.
+    topk, original_tags (-O), aliases (-a/-A/--replace-tag), category prefixes (-B), underscores (-u/--spaces),
+    prompt (-P), and the caption options of `add_caption_flags` (undesired tags, max tags, category thresholds,
+    separator; the extension and output folder are only checked). Flags a script does not declare take their
+    defaults.
     """
     from hydra.calibration.embedded import DEFAULT_METRIC, parse_metric
     from hydra.models.resources import resolve_metadata
     from hydra.tags import rewrite as spelling
-    from hydra.tags.rules import TagMetadata, TagSettings, load_metadata, parse_categories, parse_threshold
+    from hydra.tags.rules import (
+        TagMetadata,
+        TagNames,
+        TagSettings,
+        load_metadata,
+        parse_categories,
+        parse_threshold,
+    )
 
     flag = lambda name, default=None: getattr(args, name, default) or default  # noqa: E731
     model_path, family = resolve_model(args.model)
@@ -231,9 +333,15 @@ def load_run(args: argparse.Namespace) -> tuple[Tagger, TagSettings]:
     if isinstance(threshold, dict):
         log(f"Loading '{threshold_arg}' ... {len(threshold)} tags")
     exclude = [*flag("exclude", []), *flag("exclude_category", [])]
-    exclude_tags = [rewrite(t) for t in spelling.collect_tags(flag("exclude_tag", []), flag("exclude_tags", []))]
+    exclude_tags = spelling.collect_tags(flag("exclude_tag", []), flag("exclude_tags", []))
+    undesired = undesired_tags(args)
     groups = spelling.collect_groups(flag("exclusive_group", []), flag("exclusive_groups", []))
-    aliases = {rewrite(k): v for k, v in spelling.collect_aliases(flag("alias", []), flag("aliases", [])).items()}
+    aliases = spelling.collect_aliases([*flag("alias", []), *flag("replace_tag", [])], flag("aliases", []))
+    if flag("underscores", False) and flag("spaces", False):
+        raise ValueError("give either -u (keep underscores) or --spaces, not both")
+    caption_options(args)  # a bad --caption-extension is an error before the model loads
+    if flag("output_dir") and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise ValueError(f"--output-dir {args.output_dir!r} exists and is not a folder")
     if metadata is not None:  # checked before the model loads when the model cannot change the answer
         exclude = parse_categories(exclude, metadata.names.values())
         _check_metadata_needs(args, metadata, exclude)
@@ -271,11 +379,25 @@ def load_run(args: argparse.Namespace) -> tuple[Tagger, TagSettings]:
     topk = flag("topk")
     if topk is None and flag("threshold") is None:
         topk = family.default_topk
+    by_category = dict(flag("category_threshold", []))
+    if by_category:
+        parse_categories(by_category, metadata.names.values() if metadata is not None else ())
+        if metadata is None:
+            raise ValueError("--category-threshold needs tag categories (-m PATH, or a vocabulary with categories)")
+        if topk is not None:
+            raise ValueError(f"--category-threshold sets thresholds, but this run keeps the top {topk} tags "
+                             f"({'--topk' if flag('topk') else 'the default for ' + family.title + ' without -t'}); "
+                             "give -t instead")
+    aliases = {TagNames(labels, rewrite).find(k) or rewrite(k): v for k, v in aliases.items()}
+    TagNames(labels, rewrite).resolve(aliases, "-a/-A/--replace-tag")  # warns about the tags it cannot replace
     captions = caption_format(labels, category_names(labels, metadata), family.caption, aliases=aliases,
                               category_prefixes=dict(flag("category_prefix", [])),
-                              underscores=bool(flag("underscores", False)), prompt=bool(flag("prompt", False)))
-    settings = TagSettings(labels, metadata, rewrite, threshold, mode, exclude, topk, exclude_tags, groups,
-                           family.implications_after_thresholds, captions)
+                              underscores=bool(flag("underscores", False)) and not flag("spaces", False),
+                              prompt=bool(flag("prompt", False)), separator=flag("separator"), rename=rewrite)
+    exclude_tags = captions.names.resolve(exclude_tags, "--exclude-tag/-X") if exclude_tags else []
+    exclude_tags += captions.names.resolve(undesired, "--undesired-tags") if undesired else []
+    settings = TagSettings(labels, metadata, rewrite, threshold, mode, exclude, topk, list(dict.fromkeys(exclude_tags)),
+                           groups, family.implications_after_thresholds, captions, by_category, flag("max_tags"))
     settings.rules()  # unknown group tags, bad combinations: one error now rather than per image
     return tagger, settings
 

@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from hydra.bulk.loader import ImageLoader
 from hydra.bulk.run import CaptionSink, CsvSink, OutputError, PrintSink, SkipImage, Summary, write_reason
-from hydra.cli import positive_int
+from hydra.cli import caption_options, positive_int
 from hydra.common import AtomicFile, atomic_write, log
 from hydra.images.decode import is_url
 
@@ -368,7 +368,10 @@ class _Plan:
         if args.output == "-":
             self.stdout_sink, self.needed = CsvSink("-", self.labels, header_on_stdout), None
         elif args.format:
-            self.stdout_sink, self.needed = PrintSink(args.format, self.rules), self.rules.active()
+            options = caption_options(args)
+            text = lambda path, tags: settings.captions.caption(tags, args.prefix, args.shuffle,  # noqa: E731
+                                                                first=options.first(path))
+            self.stdout_sink, self.needed = PrintSink(args.format, self.rules, caption=text), self.rules.active()
         elif args.output:
             self.folder, self.needed = os.path.abspath(args.output), None
             done = open_folder(self.folder, args.shard_format, self.labels)
@@ -377,7 +380,8 @@ class _Plan:
         else:
             self.needed = self.rules.active()
             self.caption_sink = CaptionSink(self.rules, self.captions, args.prefix, args.shuffle,
-                                            append=getattr(args, "existing", "") == "append")
+                                            append=getattr(args, "existing", "") == "append",
+                                            options=caption_options(args))
             self.refused = self.caption_sink.refuse(paths)  # a caption over an input, or two images' caption
         items = [(p, p if is_url(p) else os.path.abspath(p)) for p in paths if p not in self.refused]
         self.todo = [(p, f) for p, f in items if f not in done]

@@ -25,7 +25,8 @@ from tqdm import tqdm
 from hydra.bulk.batching import group_by_length
 from hydra.bulk.loader import ImageLoader, LoadError
 from hydra.common import AtomicFile, atomic_write, log
-from hydra.tags.rules import CaptionFormat, TagRules, ranked
+from hydra.images.decode import is_url
+from hydra.tags.rules import CaptionFormat, TagRules, ranked, tag_key
 
 if TYPE_CHECKING:
     from hydra.bulk.report import DatasetReport
@@ -93,9 +94,90 @@ def _scan(folder: str, recursive: bool, exts: frozenset[str], seen: set, errors:
             yield entry.path  # dangling links and non-regular files too: the loader reports them
 
 
-def caption_path(image_path: str) -> str:
-    """`folder/name.png` -> `folder/name.txt` (the original's rule: replace the extension)."""
-    return os.path.splitext(image_path)[0] + ".txt"
+CAPTION_EXTENSION = ".txt"
+KOHYA_FOLDER = re.compile(r"(\d+)_(.+)")  # kohya's `N_name/` training folders (N repeats; name = trigger)
+
+
+def caption_extension(text: str) -> str:
+    """`--caption-extension`: `.caption` or `caption` -> `.caption`.
+
+    Raises:
+        ValueError: empty, a path separator, `.`/`..`, or an image extension (the caption would replace an
+            image with the same stem).
+    """
+    ext = text if text.startswith(".") else "." + text
+    if ext in (".", "..") or any(c in ext for c in "/\\\0") or (os.altsep and os.altsep in ext):
+        raise ValueError(f"--caption-extension {text!r}: an extension such as .txt or .caption, without a path "
+                         "separator")
+    if ext.lower() in image_extensions():
+        raise ValueError(f"--caption-extension {text!r}: that is an image extension; captions would replace "
+                         "images of the same name")
+    return ext
+
+
+def caption_path(image_path: str, extension: str = CAPTION_EXTENSION, output_dir: str | None = None,
+                 root: str | None = None) -> str:
+    """Where an image's caption goes.
+
+    Beside the image by default: `folder/name.png` -> `folder/name.txt` (the original's rule: replace the
+    extension; `extension` is `--caption-extension`). With `output_dir` (`--output-dir`), the same relative
+    path under it: relative to `root`, the folder argument the image was found in, or, for an image given as
+    a file (`root` None), directly in `output_dir` (`DIR/name.txt`).
+
+    Raises:
+        OSError: the caption would fall outside `output_dir` (never happens for scanned paths; a guard).
+    """
+    stem = os.path.splitext(image_path)[0]
+    if output_dir is None:
+        return stem + extension
+    rel = os.path.relpath(stem, root) if root is not None else os.path.basename(stem)
+    base = os.path.abspath(output_dir)
+    target = os.path.normpath(os.path.join(base, rel + extension))
+    if os.path.commonpath([base, target]) != base or os.path.dirname(target) == target:
+        raise OSError(errno.EINVAL, f"its caption {target!r} would fall outside --output-dir {output_dir!r}")
+    return target
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    """Where captions go and what every caption of a folder starts with (picklable: Ray's writers get it).
+
+    Attributes:
+        extension: `--caption-extension` (with its dot).
+        output_dir: `--output-dir`, absolute; None = beside the images.
+        roots: the folder arguments, absolute, in the order given (an image belongs to the first that holds it,
+            as the scan enters each real folder once); files given directly have no root.
+        trigger_from_folder: `--trigger-from-folder`: the `name` of a kohya `N_name/` parent folder goes first.
+    """
+
+    extension: str = CAPTION_EXTENSION
+    output_dir: str | None = None
+    roots: tuple[str, ...] = ()
+    trigger_from_folder: bool = False
+
+    @classmethod
+    def create(cls, paths: Iterable[str] = (), extension: str = CAPTION_EXTENSION, output_dir: str | None = None,
+               trigger_from_folder: bool = False) -> CaptionOptions:
+        roots = tuple(os.path.abspath(p) for p in paths if not is_url(p) and os.path.isdir(p)) if output_dir else ()
+        return cls(caption_extension(extension), output_dir and os.path.abspath(output_dir), roots,
+                   trigger_from_folder)
+
+    def root(self, image_path: str) -> str | None:
+        full = os.path.abspath(image_path)
+        return next((r for r in self.roots if full.startswith(r.rstrip(os.sep) + os.sep)), None)
+
+    def path(self, image_path: str) -> str:
+        """The caption file of an image (`caption_path`)."""
+        root = self.root(image_path) if self.output_dir else None
+        return caption_path(os.path.abspath(image_path) if root else image_path, self.extension, self.output_dir,
+                            root)
+
+    def first(self, image_path: str) -> list[str]:
+        """The items every caption of this image's folder starts with: the kohya folder's trigger word."""
+        if not self.trigger_from_folder:
+            return []
+        match = KOHYA_FOLDER.fullmatch(os.path.basename(os.path.dirname(os.path.abspath(image_path))))
+        return [match.group(2)] if match and match.group(2).strip() else []
 
 
 @dataclass
@@ -237,26 +319,33 @@ def caption_conflicts(targets: Mapping[str, str]) -> dict[str, str]:
     return refused
 
 
-def merge_captions(existing: str, new: str, prefix: str = "") -> str:
+def merge_captions(existing: str, new: str, prefix: str | Sequence[str] = "", separator: str = ", ") -> str:
     """`--existing append`: the existing caption, then the new tags it does not have yet.
 
-    Tags compare ignoring case, spacing, underscores vs spaces and prompt escapes, so `male_feral`,
-    `Male Feral` and `male feral` are one tag. A prefix missing from the old caption goes first.
+    Tags compare ignoring case, spacing, underscores vs spaces and prompt escapes (`tag_key`), so `male_feral`,
+    `Male Feral` and `male feral` are one tag. Both captions are split on the separator's visible part (on
+    whitespace when it is blank) and joined with `separator`. The first items (`-p`, a folder's trigger word)
+    missing from the old caption's start go first.
     """
-    def key(tag: str) -> str:
-        return " ".join(tag.replace("\\", "").replace("_", " ").lower().split())
+    core = separator.strip()
 
-    old = [t.strip() for t in existing.split(",") if t.strip()]
-    seen = {key(t) for t in old}
+    def split(text: str) -> list[str]:
+        return [t.strip() for t in (text.split(core) if core else text.split()) if t.strip()]
+
+    old = split(existing)
+    seen = {tag_key(t) for t in old}
     words = list(old)
-    for tag in (t.strip() for t in new.split(", ") if t.strip()):
-        if key(tag) not in seen:
-            seen.add(key(tag))
+    for tag in split(new):
+        if tag_key(tag) not in seen:
+            seen.add(tag_key(tag))
             words.append(tag)
-    if prefix and words and words[0] != prefix and prefix in words:
-        words.remove(prefix)
-        words.insert(0, prefix)
-    return ", ".join(words)
+    first = [prefix] if isinstance(prefix, str) and prefix else [] if isinstance(prefix, str) else list(prefix)
+    keys = [tag_key(f) for f in first]
+    if keys and [tag_key(w) for w in words[: len(keys)]] != keys:
+        rest = [w for w in words if tag_key(w) not in keys]
+        given = {tag_key(w): w for w in words}
+        words = [given.get(k, f) for k, f in zip(keys, first)] + rest
+    return separator.join(words)
 
 
 class CaptionSink:
@@ -272,32 +361,43 @@ class CaptionSink:
     """
 
     def __init__(self, rules: TagRules, captions: CaptionFormat, prefix: str = "", shuffle: bool = False,
-                 append: bool = False):
+                 append: bool = False, options: CaptionOptions | None = None):
         self.rules, self.captions, self.prefix, self.shuffle, self.append = rules, captions, prefix, shuffle, append
+        self.options = options or CaptionOptions()
 
     def needed_tags(self) -> np.ndarray | None:
         return self.rules.active()
 
     def target(self, path: str) -> str:
-        """The caption file of the image `path`."""
-        return caption_path(path)
+        """The caption file of the image `path` (`CaptionOptions.path`)."""
+        return self.options.path(path)
 
     def refuse(self, paths: Sequence[str]) -> dict[str, str]:
         """Images of this run that get no caption, with the reason (`caption_conflicts`)."""
-        refused = caption_conflicts({p: self.target(p) for p in paths})
+        targets, refused = {}, {}
+        for p in paths:
+            try:
+                targets[p] = self.target(p)
+            except OSError as e:  # outside --output-dir (a guard)
+                refused[p] = e.strerror or str(e)
+        refused |= caption_conflicts(targets)
         return {p: f"cannot write output ({reason})" for p, reason in refused.items()}
 
     def write(self, path: str, probs: np.ndarray) -> None:
-        caption = self.captions.caption(self.rules.classify(probs), self.prefix, self.shuffle)
+        first = self.options.first(path)
+        caption = self.captions.caption(self.rules.classify(probs), self.prefix, self.shuffle, first=first)
         target = self.target(path)
         if _key(target) == _key(path):  # also checked for the whole run up front (`refuse`)
             raise SkipImage("cannot write output (its caption would replace the image itself)")
+        if self.options.output_dir is not None:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
         if self.append and os.path.exists(target):
             try:
                 old = read_caption(target)
             except OSError as e:
                 raise SkipImage(f"cannot read its existing caption '{target}' ({e.strerror or e})") from None
-            caption = merge_captions(old, caption, self.prefix)
+            caption = merge_captions(old, caption, self.captions.first_items(self.prefix, first),
+                                     self.captions.separator)
         with atomic_write(target, "w", encoding="utf-8", newline="") as f:
             f.write(caption)
 
@@ -366,20 +466,24 @@ class CsvSink:
                 file.discard()
 
 
-FORMATS = ("pretty", "tags", "json", "jsonl")
+FORMATS = ("pretty", "tags", "names", "json", "jsonl")
 
 
 class PrintSink:
     """`--format`: each image's tags on stdout, most probable first (the DINOv3 card's CLI formats).
 
-    pretty: a ruled header with the path, then `rank. score bar tag` lines; tags: one line per image, tags
-    joined by ", "; jsonl: one `{"file", "tags": [{"tag", "score"}]}` object per line; json: the same
+    pretty: a ruled header with the path, then `rank. score bar tag` lines; tags: one line per image, the
+    image's caption exactly as the `.txt` file would hold it (`caption(path, tags)`: spelling, order,
+    separator, `-p`); names: one line per image, the label names most probable first, joined by ", ";
+    jsonl: one `{"file", "tags": [{"tag", "score"}]}` object per line (label names); json: the same
     objects as one array, printed when the run ends (indent 2).
     """
 
-    def __init__(self, fmt: str, rules: TagRules, stream: TextIO | None = None):
+    def __init__(self, fmt: str, rules: TagRules, stream: TextIO | None = None,
+                 caption: Callable[[str, dict[str, float]], str] | None = None):
         assert fmt in FORMATS, fmt
         self.fmt, self.rules, self.stream = fmt, rules, stream or sys.stdout
+        self._caption = caption or (lambda path, tags: ", ".join(t for t, _ in ranked(tags)))
         self._items: list[dict] = []
 
     def needed_tags(self) -> np.ndarray | None:
@@ -395,6 +499,8 @@ class PrintSink:
         if self.fmt == "jsonl":
             text = json_text(item)
         elif self.fmt == "tags":
+            text = self._caption(path, tags)
+        elif self.fmt == "names":
             text = ", ".join(t for t, _ in ordered)
         else:
             rule = "-" * 60

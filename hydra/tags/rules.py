@@ -210,6 +210,7 @@ class TagRules:
     topk: int | None = None                # keep the k most probable tags instead of thresholding
     groups: Sequence[modes.BoundGroup] = ()  # exclusive groups, in order (`modes.bind_groups`)
     after: bool = False                    # implications act on the passing tags (Hydra 3.5)
+    max_tags: int | None = None            # `--max-tags`: at most the N most probable of the output tags
 
     def __post_init__(self) -> None:
         choices = modes.MODES if self.after else MODES
@@ -247,8 +248,10 @@ class TagRules:
             probs: (T,) sigmoid probabilities in model order (NaN = not computed, never output).
         """
         p = np.asarray(probs, dtype=np.float64)  # float32 probabilities and thresholds compare exactly here
-        if self.after:
-            return self._classify_after(p)
+        tags = self._classify_after(p) if self.after else self._classify_before(p)
+        return cap_tags(tags, self.max_tags)
+
+    def _classify_before(self, p: np.ndarray) -> dict[str, float]:
         if self.mode == "inherit":
             p = self.graph.inherit(p)
         elif self.mode in ("constrain", "constrain-remove"):
@@ -288,39 +291,134 @@ class TagRules:
         return {self.labels[i]: float(values[i]) for i in np.flatnonzero(present)}
 
 
+def tag_key(name: str) -> str:
+    """One spelling to compare tag names in: e621's `pokemon_(species)`, the caption's `pokemon \\(species\\)` and
+    a typed `Pokemon (species)` are all `pokemon (species)` (escapes dropped, underscores as spaces, whitespace
+    collapsed, case folded)."""
+    return " ".join(name.replace("\\", "").replace("_", " ").split()).casefold()
+
+
+class TagNames:
+    """The model label a user means by a tag name, in e621 spelling or in caption spelling.
+
+    A name matches, in this order: a label exactly; the label after the family's rename (`vulva` -> `pussy`);
+    a label or a label's caption spelling (alias and category prefix included) by `tag_key`. Used by every
+    list of tags a user types: exclusions (`--exclude-tag`, `-X`, `--undesired-tags`), replacements (`-a`,
+    `--replace-tag`) and the caption's first items (`-p`, `--trigger-from-folder`).
+
+    Args:
+        labels: rewritten model labels.
+        rewrite: the family's rename.
+        spell: label -> caption spelling (a `CaptionFormat.name`), or None to match label names only.
+    """
+
+    def __init__(self, labels: Iterable[str], rewrite: Callable[[str], str] = lambda t: t,
+                 spell: Callable[[str], str] | None = None):
+        self.labels = list(labels)
+        self._known = set(self.labels)
+        self._rewrite = rewrite
+        self._by_key: dict[str, str] = {}
+        for t in self.labels:
+            self._by_key.setdefault(tag_key(t), t)
+        if spell is not None:
+            for t in self.labels:
+                self._by_key.setdefault(tag_key(spell(t)), t)
+
+    def find(self, name: str) -> str | None:
+        """The label `name` means, or None."""
+        if name in self._known:
+            return name
+        renamed = self._rewrite(name)
+        if renamed in self._known:
+            return renamed
+        return self._by_key.get(tag_key(renamed))
+
+    def resolve(self, names: Iterable[str], what: str = "tags") -> list[str]:
+        """The labels of `names`, in order, without repeats; names that are no label are left out and named in
+        one warning line on stderr (`what` says which option they came from)."""
+        found, unknown = [], []
+        for name in dict.fromkeys(names):
+            label = self.find(name)
+            (found if label is not None else unknown).append(label if label is not None else name)
+        if unknown:
+            from hydra.common import log
+
+            shown = ", ".join(map(repr, unknown[:10])) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+            log(f"warning: {what}: {len(unknown)} name{'s' * (len(unknown) != 1)} the model has no tag for, "
+                f"ignored: {shown}")
+        return list(dict.fromkeys(found))
+
+
+def split_items(text: str, rewriter: Rewriter) -> list[str]:
+    """`-p TEXT` as caption items: split on commas and on the caption separator (its visible part, a tab or a
+    newline; whitespace when the separator is blank, e.g. under `-u`), surrounding spaces and empty items
+    dropped, so `"trigger, anthro, "` is two items."""
+    return [part.strip() for item in rewriter.split_prefix(text) for part in item.split(",") if part.strip()]
+
+
 @dataclass(frozen=True)
 class CaptionFormat:
-    """How a run spells and orders caption tags: the family's style plus `-a/-A`, `-B`, `-u`, `-P`.
+    """How a run spells and orders caption tags: the family's style plus `-a/-A`, `-B`, `-u`, `-P`,
+    `--separator`.
 
     Attributes:
-        rewriter: label -> caption text (aliases, category prefixes, underscores, escapes).
+        rewriter: label -> caption text (aliases, category prefixes, underscores, escapes, separator).
         order: "probability" (most probable first, JTP-3) or "model" (model order, Hydra 3.5).
-        split_prefix: `-p TEXT` is a list of items split on the separator (Hydra 3.5); otherwise one item.
     """
 
     rewriter: Rewriter = field(default_factory=lambda: Rewriter([], [], escape=JTP3_ESCAPES))
     order: str = "probability"
-    split_prefix: bool = False
+    rename: Callable[[str], str] = field(default=lambda t: t, compare=False)
 
     def name(self, tag: str) -> str:
         return self.rewriter.name(tag)
 
+    @property
+    def separator(self) -> str:
+        return self.rewriter.separator
+
+    @cached_property
+    def names(self) -> TagNames:
+        return TagNames(self.rewriter._names, self.rename, self.name)
+
+    def first_items(self, prefix: str = "", first: Sequence[str] = ()) -> list[str]:
+        """The items a caption starts with: `first` (e.g. a folder's trigger word, each one item) then the items
+        of `prefix` (`split_items`); an item that names a tag is written in that tag's caption spelling, and
+        repeats are dropped."""
+        items = [*(f.strip() for f in first if f.strip()), *split_items(prefix, self.rewriter)]
+        out, seen = [], set()
+        for item in items:
+            label = self.names.find(item)
+            text = self.name(label) if label is not None else item
+            if tag_key(text) not in seen:
+                seen.add(tag_key(text))
+                out.append(text)
+        return out
+
     def caption(self, tags: Mapping[str, float], prefix: str = "", shuffle: bool = False,
-                rng: random.Random | None = None) -> str:
-        """The caption: the prefix item(s) first (a tag spelled the same is not repeated), then the tags in
-        this format's order, or shuffled (the original JTP-3 always shuffles; `--shuffle`)."""
+                rng: random.Random | None = None, first: Sequence[str] = ()) -> str:
+        """The caption: the first items (`first_items(prefix, first)`), then the tags in this format's order, or
+        shuffled (the original JTP-3 always shuffles; `--shuffle`); a tag the first items already name (compared
+        by `tag_key`, so in any spelling) is not repeated."""
         order = [t for t, _ in ranked(tags)] if self.order == "probability" else list(tags)
-        items = self.rewriter.split_prefix(prefix) if self.split_prefix else [prefix] if prefix else []
-        return self.rewriter.caption(order, items, shuffle, rng)
+        items = self.first_items(prefix, first)
+        skip = {tag_key(i) for i in items}
+        names = [n for n in map(self.name, order) if tag_key(n) not in skip]
+        if shuffle:
+            (rng or random).shuffle(names)
+        return self.separator.join(items + names)
 
 
 def caption_format(labels: Sequence[str], categories: Sequence[str], style, *, aliases: Mapping[str, str] | None = None,
                    category_prefixes: Mapping[str, str] | None = None, underscores: bool = False,
-                   prompt: bool = False) -> CaptionFormat:
-    """A run's caption format from the family's `CaptionStyle` and the spelling flags."""
+                   prompt: bool = False, separator: str | None = None,
+                   rename: Callable[[str], str] = lambda t: t) -> CaptionFormat:
+    """A run's caption format from the family's `CaptionStyle` and the spelling flags (`separator` None: ", ",
+    or " " when underscores are kept)."""
     escape = "".join(dict.fromkeys(style.escape + (PROMPT_ESCAPES if prompt else "")))
-    rewriter = Rewriter(labels, categories, aliases, category_prefixes, underscores=underscores, escape=escape)
-    return CaptionFormat(rewriter, style.order, split_prefix=style.order == "model")
+    rewriter = Rewriter(labels, categories, aliases, category_prefixes, underscores=underscores, escape=escape,
+                        separator=separator)
+    return CaptionFormat(rewriter, style.order, rename)
 
 
 @dataclass
@@ -343,6 +441,8 @@ class TagSettings:
     groups: list[modes.ExclusiveGroup] = field(default_factory=list)  # `-g`, `-G`
     after: bool = False               # the family's implication modes act after thresholding (Hydra 3.5)
     captions: CaptionFormat = field(default_factory=CaptionFormat)
+    category_thresholds: dict[str, float] = field(default_factory=dict)  # `--category-threshold`: name -> p
+    max_tags: int | None = None       # `--max-tags`: at most the N most probable output tags
 
     @cached_property
     def graph(self) -> ImplicationGraph | None:
@@ -365,8 +465,39 @@ class TagSettings:
         threshold, mode, exclusions or top k); the implication graph is shared."""
         s = dataclasses.replace(self, **changes) if changes else self
         groups = modes.bind_groups(s.groups, s.labels)
-        return TagRules(s.labels, threshold_vector(s.labels, s.threshold), self.graph, s.mode, s.excluded(), s.topk,
-                        groups, s.after)
+        thresholds = threshold_vector(s.labels, s.threshold)
+        if s.category_thresholds:
+            thresholds = category_threshold_vector(s.labels, s.metadata, thresholds, s.category_thresholds)
+        return TagRules(s.labels, thresholds, self.graph, s.mode, s.excluded(), s.topk, groups, s.after, s.max_tags)
+
+
+def category_threshold_vector(labels: Sequence[str], metadata: TagMetadata | None, thresholds: np.ndarray,
+                              by_category: Mapping[str, float]) -> np.ndarray:
+    """`--category-threshold`: every tag of a category gets that category's p-threshold instead of its own
+    (a calibration's too); a subcategory (`color`, `rating`) is more specific than its category and wins.
+
+    Raises:
+        ValueError: no tag metadata (categories are unknown).
+    """
+    if metadata is None:
+        raise ValueError("--category-threshold needs tag categories (-m PATH, or a model or vocabulary with them)")
+    out = np.array(thresholds, dtype=np.float64)
+    names = category_names(labels, metadata)
+    for cat, p in sorted(by_category.items(), key=lambda kv: kv[0] in SUBCATEGORIES):
+        if cat in SUBCATEGORIES:
+            mask = np.array([modes.subcategory(t, c) == cat for t, c in zip(labels, names)], dtype=bool)
+        else:
+            mask = np.array([c == cat for c in names], dtype=bool)
+        out[mask] = p
+    return out
+
+
+def cap_tags(tags: dict[str, float], limit: int | None) -> dict[str, float]:
+    """`--max-tags`: the `limit` most probable tags (ties by name), keeping the given (model) order."""
+    if limit is None or len(tags) <= limit:
+        return tags
+    keep = {t for t, _ in ranked(tags)[:limit]}
+    return {t: p for t, p in tags.items() if t in keep}
 
 
 def ranked(tags: Mapping[str, float]) -> list[tuple[str, float]]:
