@@ -102,7 +102,7 @@ def make_corpus(folder) -> tuple[list[bytes], dict[bytes, str]]:
     save(b"one_bit.png", base.convert("1"))
     frames = [noise_image(40, 30, seed=i) for i in range(3)]
     save(b"anim.gif", frames[0], save_all=True, append_images=frames[1:])
-    save(b"anim.webp", frames[0], save_all=True, append_images=frames[1:])
+    save(b"anim_webp.webp", frames[0], save_all=True, append_images=frames[1:])
     save(b"anim_apng.png", frames[0], save_all=True, append_images=frames[1:])
     save(b"pages.tiff", frames[0], save_all=True, append_images=frames[1:])
     exif = Image.Exif()
