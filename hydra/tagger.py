@@ -60,6 +60,7 @@ class Tagger:
         self.device = torch.device(device or default_device())
         self.dtype, self.dtype_reason = choose_dtype(self.device, dtype)
         self._requested_dtype = dtype
+        self._warned_empty = False  # predict_samples' "no tag selectable" warning, given once
         self.model: TagModel = self.family.load(self.path, self.options, self.device, self.dtype)
         self.labels: list[str] = self.model.labels
         given = {self.family.size.name: None, "size": size, "seqlen": seqlen, "max_size": max_size}
@@ -98,10 +99,17 @@ class Tagger:
         """Probabilities (B, T) float32 for preprocessed samples: sigmoid of the float32 logits.
 
         Args:
-            tags: optional (T,) bool mask of the tags worth computing; the others come back as NaN.
+            tags: optional (T,) bool mask of the tags worth computing; the others come back as NaN. A mask
+                selecting nothing runs no model at all (all NaN) and warns once on stderr.
             pad_to: NaFlex families: pad every image to this many tokens (the original JTP-3's behaviour).
         """
         index = None
+        if tags is not None and not tags.any():  # thresholds / exclusions that no tag can pass: nothing to run
+            if not self._warned_empty:
+                log("warning: the thresholds and exclusions leave none of the model's tags selectable, so every "
+                    "image gets no tags")
+                self._warned_empty = True
+            return np.full((len(samples), len(self.labels)), np.nan, dtype=np.float32)
         if tags is not None and not tags.all():
             index = torch.from_numpy(np.flatnonzero(tags)).to(self.device)
         probs = self.model.sample_logits(samples, index, pad_to).float().sigmoid().cpu().numpy()

@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -149,13 +149,17 @@ class MidBlock(nn.Module):
 
     def forward(self, y: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """y: (B, C, A) pooled vectors; k / v: (B, H, S, E); mask: (B, 1, 1, S) or None. Returns (B, C, A)."""
+        y = self.attend(y, k, v, mask)  # (B, C, A)
+        return y + self.ff(y)  # (B, C, A)
+
+    def attend(self, y: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """The block up to its feed-forward: y + o_proj(attention of the new queries). Returns (B, C, A)."""
         b, c, _ = y.shape
         h, e = self.cfg.n_heads, self.cfg.head_dim
         q = self.q_proj(y).view(b, c, h, e).transpose(1, 2)  # (B, H, C, E), (head, dim) order as the output
         q = F.rms_norm(q, (e,), eps=RMS_EPS)  # (B, H, C, E)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, C, E)
-        y = y + self.o_proj(o.transpose(1, 2).reshape(b, c, h * e))  # (B, C, A)
-        return y + self.ff(y)  # (B, C, A)
+        return y + self.o_proj(o.transpose(1, 2).reshape(b, c, h * e))  # (B, C, A)
 
 
 class Hydra2Pool(nn.Module):
@@ -182,7 +186,7 @@ class Hydra2Pool(nn.Module):
         return self.q.shape[1]
 
     def forward(self, x: Tensor, patch_valid: Tensor | None = None, tags: Tensor | None = None) -> Tensor:
-        """Pooled vectors for every tag, or only for `tags`.
+        """Pooled vectors for every tag, or only for `tags` (training and the tests; inference runs `logits`).
 
         Args:
             x: (B, S, D) final backbone features (after the final LayerNorm).
@@ -192,27 +196,64 @@ class Hydra2Pool(nn.Module):
         Returns:
             (B, T, A) or (B, T', A) in the activation dtype.
         """
+        k, v, mask = self.keys_values(x, patch_valid)
+        chunks = [self._pool_chunk(self.q[:, sel], k, v, mask) for sel in self._chunks(x, tags)]
+        if not chunks:
+            return x.new_zeros((x.shape[0], 0, self.cfg.attn_dim))
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)  # (B, T', A)
+
+    def logits(self, x: Tensor, patch_valid: Tensor | None, head_weight: Tensor, folded: Tensor | None = None,
+               tags: Tensor | None = None) -> Tensor:
+        """Logits (B, T) or (B, T') straight from backbone features, chunk by chunk: the (B, T, A) pooled vectors
+        never exist at once (8 images x 8,886 tags x 2048 in bf16 would be 291 MB, and twice that in a cat).
+
+        Args:
+            head_weight: (T, A), the LinearHead's rows.
+            folded: (T, F) = head_weight @ the last mid-block's ff.proj_out.weight (`Hydra35Model.folded_head`),
+                or None to run that feed-forward's output projection as stored.
+            tags: optional (T',) long indices; empty gives (B, 0).
+        """
+        k, v, mask = self.keys_values(x, patch_valid)
+        out = []
+        for sel in self._chunks(x, tags):
+            y = self._pool_chunk(self.q[:, sel], k, v, mask, last_ff=folded is None)  # (B, C, A)
+            logit = torch.linalg.vecdot(y, head_weight[sel])  # (B, C): the residual term, as upstream's head
+            if folded is not None:  # + w_t . proj_out(SpGLU(...)) = SpGLU(...) . g_t
+                last = self.mid_blocks[-1].ff
+                hidden = spglu(last.proj_in(last.norm(y)))  # (B, C, F)
+                logit = logit + torch.bmm(hidden.transpose(0, 1), folded[sel].unsqueeze(-1)).squeeze(-1).T
+            out.append(logit)
+        if not out:
+            return x.new_zeros((x.shape[0], 0))
+        return out[0] if len(out) == 1 else torch.cat(out, dim=1)  # (B, T')
+
+    def keys_values(self, x: Tensor, patch_valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """K (RMS-normed) and V (B, H, S, E) of the image tokens, and the key-padding mask (B, 1, 1, S) or None."""
         b, s, _ = x.shape
         h, e = self.cfg.n_heads, self.cfg.head_dim
         kv = self.kv(x).view(b, s, 2, h, e).permute(2, 0, 3, 1, 4)  # (2, B, H, S, E)
         k = F.rms_norm(kv[0], (e,), eps=RMS_EPS)  # (B, H, S, E)
-        v = kv[1]  # (B, H, S, E)
         # Key-padding mask only: padded keys are excluded; every query is a tag, so no row is empty.
         mask = None if patch_valid is None else patch_valid[:, None, None, :]  # (B, 1, 1, S)
-        q = self.q if tags is None else self.q[:, tags]  # (H, T', E)
-        step = max(1, (CHUNK_ROWS if x.device.type == "cpu" else GPU_CHUNK_ROWS) // b)  # tags per chunk
-        chunks = [self._pool_chunk(q[:, i:i + step], k, v, mask) for i in range(0, q.shape[1], step)]
-        return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)  # (B, T', A)
+        return k, kv[1], mask
 
-    def _pool_chunk(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        """Pooled vectors (B, C, A) for one chunk of tags: q (H, C, E), k / v (B, H, S, E)."""
+    def _chunks(self, x: Tensor, tags: Tensor | None) -> list[slice | Tensor]:
+        """The tag selection of each chunk: slices of all tags, or pieces of `tags` (gathered chunk by chunk)."""
+        step = max(1, (CHUNK_ROWS if x.device.type == "cpu" else GPU_CHUNK_ROWS) // x.shape[0])  # tags per chunk
+        n = self.n_tags if tags is None else len(tags)
+        return [slice(i, i + step) if tags is None else tags[i:i + step] for i in range(0, n, step)]
+
+    def _pool_chunk(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, last_ff: bool = True) -> Tensor:
+        """Pooled vectors (B, C, A) for one chunk of tags: q (H, C, E), k / v (B, H, S, E). Without `last_ff` the
+        last mid-block stops before its feed-forward (the folded head adds that term)."""
         b, h, e = k.shape[0], self.cfg.n_heads, self.cfg.head_dim
         attn = F.scaled_dot_product_attention(q.unsqueeze(0).expand(b, -1, -1, -1), k, v,
                                               attn_mask=mask)  # (B, H, C, E), scale 1/sqrt(E)
         y = attn.transpose(1, 2).reshape(b, -1, h * e)  # (B, C, A), (head, dim) order; no query residual
         y = y + self.ff(y)  # (B, C, A)
-        for block in self.mid_blocks:
-            y = block(y, k, v, mask)  # (B, C, A)
+        last = len(self.mid_blocks) - 1
+        for i, block in enumerate(self.mid_blocks):
+            y = block(y, k, v, mask) if last_ff or i < last else block.attend(y, k, v, mask)  # (B, C, A)
         return y
 
     # -- editing the tag set (extensions, training) -------------------------------------------------
@@ -289,6 +330,8 @@ class Hydra35Model(NaFlexTagModel):
     validation: np.ndarray              # (T, n, 4) [tp, fp, tn, fn] at thresholds (i + 1) / (n + 1)
     background: str = "black"           # a key of BACKGROUNDS: alpha is flattened onto this colour
     resize: str = "lanczos"             # one of RESIZES
+    fold: bool = False                  # run the head with `folded_head` (loaders: on unless HYDRA_NO_FOLD=1)
+    _folded: tuple | None = field(default=None, repr=False, compare=False)  # (weights' stamp, (T, F) tensor)
 
     @property
     def tag_metadata(self) -> TagMetadata:
@@ -328,7 +371,28 @@ class Hydra35Model(NaFlexTagModel):
         Returns:
             (B, T) or (B, T') logits in the activation dtype.
         """
-        return self.net.head(self.net.attn_pool(x, patch_valid, tags), tags)
+        return self.pool.logits(x, patch_valid, self.net.head.weight, self.folded_head(), tags)
+
+    def folded_head(self) -> Tensor | None:
+        """(T, F) = head.weight @ the last mid-block's ff.proj_out.weight, or None when `fold` is off.
+
+        logit_t = w_t . (y_t + proj_out(h_t)) = w_t . y_t + h_t . g_t: the 5120 -> 2048 projection of every tag's
+        last feed-forward (2 T F A = 0.19 TFLOP per image) becomes one 5120-vector per tag (91 MB in bf16), and
+        the residual term still goes through the stored head row. Built once at load and rebuilt when the head
+        or the projection change (extensions, another device); never in the state dict.
+        """
+        if not self.fold:
+            return None
+        w, proj = self.net.head.weight, self.pool.mid_blocks[-1].ff.proj_out.weight  # (T, A), (A, F)
+        key = jtp3_head.stamp(w, proj)
+        if self._folded is None or self._folded[0] != key:
+            self._folded = None  # free the old one first
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor: the CAM's autograd may use it
+                g = torch.empty(w.shape[0], proj.shape[1], device=w.device, dtype=w.dtype)
+                for i in range(0, w.shape[0], jtp3_head.FOLD_TAGS):
+                    g[i:i + jtp3_head.FOLD_TAGS] = jtp3_head.fold_matmul(w[i:i + jtp3_head.FOLD_TAGS], proj, w.dtype)
+            self._folded = (key, g)
+        return self._folded[1]
 
     # -- editing the tag set (extensions, training) -------------------------------------------------
 
@@ -480,4 +544,6 @@ def load_hydra35(path: str | os.PathLike, device: str | torch.device = "cpu", dt
         merge_extensions_v2(model, [read_extension_v2(e) if isinstance(e, (str, os.PathLike)) else e
                                     for e in extensions])
     net.to(device)
+    model.fold = jtp3_head.fold_enabled()
+    model.folded_head()  # once, on the device, with the extensions' tags (~0.3 s on a 2-core CPU)
     return model
