@@ -91,6 +91,20 @@ class DinoV3Model:
         return torch.stack(out)
 
 
+MAX_LAYERS = 256  # the published backbone has 32; more is a damaged or hostile file
+
+
+def _check_layers(path: str, state: Mapping[str, Any]) -> None:
+    """The `backbone.[model.]layer.N.*` indices must be 0..n-1 with n <= MAX_LAYERS: the loader builds a key
+    table per layer up to the largest index, so `layer.99999999` alone would exhaust memory."""
+    import re
+
+    layers = {int(m.group(1)) for k in state if (m := re.match(r"backbone\.(?:model\.)?layer\.(\d+)\.", k))}
+    if layers and (max(layers) >= MAX_LAYERS or len(layers) != max(layers) + 1):
+        raise CheckpointError(f"{path}: backbone layer indices must run 0..n-1 with n <= {MAX_LAYERS}, got "
+                              f"{len(layers)} layer(s) up to index {max(layers)}")
+
+
 class DinoV3Family(Family):
     name = "dinov3"
     title = "DINOv3 tagger"
@@ -105,12 +119,23 @@ class DinoV3Family(Family):
         return any(k.startswith("backbone.") for k in keys)
 
     def load(self, path: str, options: ModelOptions, device: torch.device, dtype: torch.dtype) -> DinoV3Model:
-        from hydra.models.dinov3_net import load_dinov3
+        from hydra.models.checkpoint import check_weights, parse_backbone_overrides
+        from hydra.models.dinov3_net import build_dinov3, read_checkpoint
+        from hydra.models.vocab import load_vocab
 
         if options.extensions:
             raise CheckpointError("the DINOv3 tagger takes no extensions (extensions are JTP-3 files)")
         vocab_path = options.vocab or find_vocab(path)
-        net, vocab = load_dinov3(path, vocab_path, device, dtype)
+        vocab = load_vocab(vocab_path)
+        state, metadata = read_checkpoint(path)  # what `load_dinov3` does, with the file checked before building
+        check_weights(path, state, floating=True)
+        parse_backbone_overrides(path, metadata, allowed=None)
+        _check_layers(path, state)
+        try:
+            net = build_dinov3(state, len(vocab), metadata=metadata, device=device, dtype=dtype, source=path,
+                               vocab_source=vocab_path)
+        except (IndexError, KeyError, TypeError) as e:  # a tensor of the wrong rank where a shape is read
+            raise CheckpointError(f"{path}: not a usable DINOv3 tagger checkpoint ({type(e).__name__}: {e})") from None
         return DinoV3Model(net, vocab, path, vocab_path)
 
     def preprocessor(self, model: Any, size: int, options: ModelOptions) -> DinoV3Preprocess:

@@ -17,7 +17,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from hydra.models.checkpoint import ARCHITECTURE, KEY_ARCHITECTURE, CheckpointError, load_tensors, save_safetensors
+from hydra.models.checkpoint import (
+    ARCHITECTURE,
+    KEY_ARCHITECTURE,
+    CheckpointError,
+    check_weights,
+    load_tensors,
+    save_safetensors,
+)
 from hydra.tags.names import check_tag_name
 
 if TYPE_CHECKING:
@@ -99,6 +106,7 @@ def read_extension(path: str | os.PathLike) -> Extension:
     extra = sorted(set(tensors) - {"q", "out_proj.weight", "validation", *FROZEN_COPIES})
     if extra:
         raise ExtensionError(f"{path}: unexpected tensor(s) {', '.join(extra)}")
+    check_weights(path, {k: tensors[k] for k in ("q", "out_proj.weight")}, floating=True)
     q, out = tensors["q"], tensors["out_proj.weight"]
     if q.ndim != 3 or q.shape[1] != 1 or out.ndim != 3 or out.shape[0] != 1 or out.shape[2] != 2:
         raise ExtensionError(f"{path}: expected q (H, 1, E) and out_proj.weight (1, A, 2), got "

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hydra.models.checkpoint import KEY_ARCHITECTURE, load_tensors, save_safetensors
+from hydra.models.checkpoint import KEY_ARCHITECTURE, check_weights, load_tensors, save_safetensors
 from hydra.models.extensions import IMPLEMENTATION as IMPLEMENTATION_V1
 from hydra.models.extensions import (
     KEY_CATEGORY,
@@ -100,6 +100,7 @@ def read_extension_v2(path: str | os.PathLike) -> ExtensionV2:
         raise ExtensionError(f"{path}: expected tensors {sorted(CLASS_DIMS)} and {KEY_VALIDATION!r}; "
                              + "; ".join(([f"missing {', '.join(missing)}"] if missing else [])
                                          + ([f"unexpected {', '.join(extra)}"] if extra else [])))
+    check_weights(path, tensors, floating=True)
     for name, dim in CLASS_DIMS.items():
         t = tensors[name]
         if t.ndim <= dim or t.shape[dim] != 1:
