@@ -133,7 +133,7 @@ def test_extensions_append_and_default_folder(small_model, tmp_path):
     cal.write_text("tag,threshold\ntag_01,0.0\n")
     run = cli("-M", path, "-m", "", "-w", "0", "-e", ext_dir, img, cwd=tmp_path, check_rc=0)
     assert "Ignoring tag 'brand_new_tag' from uncalibrated extension" in run.stderr
-    assert "Loading 'calibration.csv' ... 1 tags" in run.stderr
+    assert "Thresholds: per tag from 'calibration.csv' (current folder): 1 tags can be output." in run.stderr
     assert (tmp_path / "x.txt").read_text() == "tag 01"
 
 
@@ -167,7 +167,7 @@ def test_interactive_mode_through_stdin(small_model, tmp_path):
     meta.write_text("tag,category,implications\n" + "".join(f"{n},0,\n" for n in names))
     script = "\n".join(["h", "threshold 2", "threshold -1", str(img), "seqlen 10", "seqlen 128",
                         "exclude general", str(img), "nonexistent.png", "q"]) + "\n"
-    run = cli("-M", path, "-m", meta, stdin=script, check_rc=0)
+    run = cli("-M", path, "-m", meta, "--interactive", stdin=script, check_rc=0)
     out = run.stdout
     assert out.startswith("JTP-3 Hydra Interactive Classifier\nType 'q' to quit, or 'h' for help.")
     assert "implications MODE (inherit constrain remove constrain-remove off)" in out
