@@ -178,6 +178,7 @@ def test_interactive_mode_through_stdin(small_model, tmp_path):
     assert len(lines) == len(names)  # threshold -1: every tag, once (then all excluded)
     scores = [float(line.split("%")[0].split()[-1]) for line in lines]
     assert scores == sorted(scores, reverse=True) and all(line.startswith("  ") for line in lines)
+    assert all(0 <= s <= 100 for s in scores)  # p as a percentage, not the symmetric score (negative below p 0.5)
     assert "'nonexistent.png': file not found" in out
 
 
