@@ -139,6 +139,7 @@ def test_extensions_append_and_default_folder(small_model, tmp_path):
 
 def test_errors_are_one_clear_line(small_model, tmp_path):
     path, _ = small_model
+    noise_image(32, 32).save(tmp_path / "a.png")  # inputs are checked first: give the model errors a real one
     run = cli("-M", path, "-m", "", "-x", "meta", tmp_path, check_rc=2)
     assert "requires tag metadata" in run.stderr and "Traceback" not in run.stderr
     run = cli("-M", tmp_path / "nope.safetensors", tmp_path, check_rc=2)
@@ -155,6 +156,7 @@ def test_missing_default_model_offline_says_what_to_do(tmp_path, monkeypatch):
 
     if (res.ROOT / res.DEFAULT_MODEL).exists():
         pytest.skip("a real model is installed in models/")
+    noise_image(32, 32).save(tmp_path / "a.png")
     run = cli(tmp_path, check_rc=2)
     assert "HF_HUB_OFFLINE" in run.stderr and "huggingface.co/RedRocket/JTP-3" in run.stderr
 
