@@ -68,20 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def startup_threshold() -> str:
-    """calibration.csv (current folder) when it is there and valid, else the slider's default; a broken
-    calibration.csv is reported and skipped rather than stopping the server."""
+    """calibration.csv (current folder, else the project folder) when it is there and valid, else the slider's
+    default; a broken calibration.csv is reported and skipped rather than stopping the server."""
     from hydra.common import log
-    from hydra.models.resources import DEFAULT_CALIBRATION
+    from hydra.models.resources import find_calibration
     from hydra.tags.rules import DataFileError, load_calibration
 
-    if not os.path.isfile(DEFAULT_CALIBRATION):
+    if (calibration := find_calibration()) is None:  # the current folder's, else the project folder's
         return DEFAULT_THRESHOLD_ARG
     try:
-        load_calibration(DEFAULT_CALIBRATION)
+        load_calibration(calibration)
     except (DataFileError, OSError, UnicodeDecodeError) as e:
-        log(f"warning: ignoring {DEFAULT_CALIBRATION}: {e}")
+        log(f"warning: ignoring {calibration}: {e}")
         return DEFAULT_THRESHOLD_ARG
-    return DEFAULT_CALIBRATION
+    return calibration
 
 
 def make_web(args: argparse.Namespace):

@@ -12,6 +12,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import signal
 import sys
@@ -126,8 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("execution")
     cli.add_loader_flags(g)
     cli.add_max_pixels_flag(g)
-    cli.add_size_flags(g)
+    cli.add_size_flags(g, unset=True)  # None unless given, so a size flag the model does not use is refused
     cli.add_device_flags(g)
+    g.add_argument("--interactive", action="store_true",
+                   help="Run the interactive classifier even when standard input is not a terminal (commands "
+                        "and image paths are then read from it). Without paths on a terminal it runs anyway.")
     distributed.add_arguments(p)  # --ray and its options (hydra/bulk/distributed.py)
     # Added last so the usage line lists flags in the original's order; shown under "options".
     p.add_argument("-r", "--recursive", action="store_true",
@@ -140,6 +144,11 @@ def main(args: argparse.Namespace) -> int:
         log(f"error: --report {args.report}: {error}")
         return 2
     try:
+        preflight(args)  # every usage mistake is found before the model loads
+        scan_errors: list[str] = []
+        paths = scan(args.paths, args.recursive, scan_errors) if args.paths else []
+        if args.paths and not paths:
+            return 1  # nothing to tag: said why
         tagger, settings = cli.load_run(args)
     except (CheckpointError, DataFileError, DownloadError, OSError, ValueError) as e:
         log(f"error: {e}")
@@ -148,19 +157,8 @@ def main(args: argparse.Namespace) -> int:
         interactive.run(tagger, settings)
         return 0
 
-    scan_errors: list[str] = []
-    paths = list(iter_images(args.paths, args.recursive, scan_errors))
-    if not paths and not scan_errors:  # a wrong folder should not look like a finished overnight run
-        log(f"error: no image files found in {', '.join(args.paths)}"
-            + ("" if args.recursive else " (-r also searches sub-folders)"))
-        return 1
     skipped = 0
     captions = not (args.output or args.format)
-    if args.existing not in (None, "overwrite") and not captions:
-        log(f"note: --existing {args.existing} applies to .txt captions; -o/--format output is written in full")
-    if ignored := unused_caption_options(args):
-        log(f"note: {', '.join(ignored)} appl{'ies' if len(ignored) == 1 else 'y'} to caption files; "
-            f"{'-o writes every probability' if args.output else '--format prints to standard output'}")
     args.existing = args.existing or ("skip" if args.ray is not None else "overwrite")
     options = cli.caption_options(args)
     if args.existing == "skip" and captions:
@@ -230,6 +228,87 @@ def unused_caption_options(args: argparse.Namespace) -> list[str]:
     if args.output:
         given |= selection
     return [flag for flag, used in given.items() if used]
+
+
+# Options that cannot combine are refused; options that would be ignored get one line saying so.
+RULE_FLAGS = ("threshold", "topk", "metric", "implications", "exclude", "exclude_category", "exclude_tag",
+              "exclude_tags", "exclusive_group", "exclusive_groups")
+CAPTION_FLAGS = ("prefix", "shuffle", "existing")
+SPELLING_FLAGS = ("underscores", "prompt", "alias", "aliases", "category_prefix")
+RAY_FLAGS = ("ray_actors", "ray_gpus_per_actor", "ray_batch", "ray_cpus", "ray_object_store", "shard_format",
+             "shard_rows")
+BULK_FLAGS = ("output", "format", "recursive", "batch", "workers", "no_shm", "ray", *RAY_FLAGS)
+
+
+def preflight(args: argparse.Namespace) -> None:
+    """Refuse what cannot work and say what will be ignored, before anything is loaded.
+
+    Raises:
+        ValueError: options that cannot combine, a REPL without a terminal, an -o that cannot be written.
+    """
+    cli.check_device(args.device)  # first: '-dash.png' is read as -d ash.png
+    given = cli.given_options(build_parser(), args)
+    for a, b in (("output", "format"), ("topk", "threshold"), ("topk", "metric")):
+        if a in given and b in given:
+            raise ValueError(f"{given[a]} and {given[b]} cannot be combined: "
+                             + {"format": "-o writes a CSV of probabilities, --format prints tags; choose one",
+                                "threshold": "--topk keeps the K most probable tags whatever the threshold",
+                                "metric": "--topk keeps the K most probable tags whatever the thresholds"}[b])
+    unused = {}
+    if not args.paths:
+        unused |= dict.fromkeys((*BULK_FLAGS, *CAPTION_FLAGS, *SPELLING_FLAGS),
+                                "to the interactive classifier (no PATH given)")
+    elif args.output:
+        unused |= dict.fromkeys((*RULE_FLAGS, *CAPTION_FLAGS, *SPELLING_FLAGS),
+                                "to -o's CSV (the raw probability of every tag)")
+    elif args.format:  # `--format tags` prints the caption itself: -p and -s apply to it
+        unused |= dict.fromkeys(CAPTION_FLAGS if args.format != "tags" else ("existing",),
+                                "to --format (no .txt captions are written)")
+    if args.paths and args.ray is None:
+        unused |= dict.fromkeys(RAY_FLAGS, "without --ray")
+    elif args.ray is not None:
+        unused |= dict.fromkeys(("workers", "no_shm"), "with --ray (Ray tasks decode the images)")
+    if note := cli.unused_options(given, unused):
+        log(f"note: {note}")
+    if args.paths and (ignored := unused_caption_options(args)):
+        log(f"note: {', '.join(ignored)} appl{'ies' if len(ignored) == 1 else 'y'} to caption files; "
+            f"{'-o writes every probability' if args.output else '--format prints to standard output'}")
+    if not args.paths:
+        if not args.interactive and not (sys.stdin and sys.stdin.isatty()):
+            raise ValueError("no PATH given, and standard input is not a terminal for the interactive classifier; "
+                             "give the images to tag (e.g. inference.py -r pictures/), or --interactive to read "
+                             "commands from standard input")
+        log("No PATH given: starting the interactive classifier (give paths to tag files in bulk; -h for help).")
+    elif args.output:
+        cli.check_output(args.output, folder=args.ray is not None)
+
+
+def scan(paths: list[str], recursive: bool, errors: list[str]) -> list[str]:
+    """The images to tag, found before the model loads. Missing inputs are reported and counted in `errors`;
+    a folder without images says whether its sub-folders have some (without -r). Empty: nothing to tag, and
+    every reason has been logged."""
+    found, empty = [], []
+    for path in paths:
+        if not is_url(path) and not os.path.lexists(path):
+            log(f"'{path}': file not found")
+            errors.append(path)
+            continue
+        before, failed = len(found), len(errors)
+        found += iter_images([path], recursive, errors)
+        if len(found) == before and len(errors) == failed and os.path.isdir(path):
+            empty.append(path)
+    level = "warning" if found else "error"
+    for folder in empty:
+        nested = 0 if recursive else sum(1 for _ in itertools.islice(iter_images([folder], True), SUBFOLDER_CAP))
+        if nested:
+            count = f"{nested}" if nested < SUBFOLDER_CAP else f"{SUBFOLDER_CAP - 1}+"
+            log(f"{level}: '{folder}' has no images; {count} in sub-folders: add -r")
+        else:  # a wrong folder should not look like a finished overnight run
+            log(f"{level}: no image files found in '{folder}'")
+    return found
+
+
+SUBFOLDER_CAP = 1001  # counting the images below a folder stops here ("1000+"): never walk a whole disk
 
 
 def _terminate(signum: int, frame: object) -> None:

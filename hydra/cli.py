@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from hydra.common import log
 from hydra.images.decode import DEFAULT_MAX_PIXELS
 from hydra.models.family import CALIBRATION_CSV, CALIBRATION_EMBEDDED, MAX_SIZE, SEQLEN, Family
-from hydra.models.resources import DEFAULT_CALIBRATION, DEFAULT_METADATA, DEFAULT_MODEL, short_model_names
+from hydra.models.resources import DEFAULT_METADATA, DEFAULT_MODEL, find_calibration, short_model_names
 from hydra.tags.rules import CATEGORIES, UNKNOWN_CATEGORY, caption_format, category_names
 
 if TYPE_CHECKING:
@@ -246,6 +246,98 @@ def add_max_pixels_flag(group) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Checks before anything is loaded: a mistake costs a second, not a model load
+
+
+def given_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, str]:
+    """{dest: flag} of every option the command line set to something other than its default (the flag as
+    its first long spelling, e.g. "--topk"), in the parser's order."""
+    given = {}
+    for action in parser._actions:  # argparse has no public list of its actions
+        if action.option_strings and action.dest != "help" and hasattr(args, action.dest):
+            if getattr(args, action.dest) != action.default:
+                given[action.dest] = next((o for o in action.option_strings if o.startswith("--")),
+                                          action.option_strings[0])
+    return given
+
+
+def unused_options(given: dict[str, str], unused: dict[str, str]) -> str | None:
+    """One line naming the given options that `unused` ({dest: why}) says do not apply, grouped by reason;
+    None when there are none."""
+    by_reason: dict[str, list[str]] = {}
+    for dest, flag in given.items():
+        if dest in unused:
+            by_reason.setdefault(unused[dest], []).append(flag)
+    if not by_reason:
+        return None
+    return "; ".join(f"{' '.join(flags)} {'does' if len(flags) == 1 else 'do'} not apply {why}"
+                     for why, flags in by_reason.items())
+
+
+def check_device(device: str | None) -> None:
+    """`-d`: a torch device this machine has, checked with one tiny tensor before the model loads.
+
+    Raises:
+        ValueError: one line naming the device and what is available (and `--` for a file read as `-dNAME`).
+    """
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+        if dev.type == "meta":
+            raise RuntimeError("not a compute device")
+        torch.zeros(1, device=dev)
+    except Exception as e:  # RuntimeError from torch: unknown name, no driver, bad ordinal, not compiled in
+        reason = " ".join(str(e).split()).split(". ")[0][:160]
+        hint = ""
+        if os.path.splitext(device)[1] or os.path.exists(f"-d{device}"):
+            hint = f" (a file named '-d{device}'? put -- before file names that start with '-': -- -d{device})"
+        raise ValueError(f"-d {device}: not usable here ({reason}); available: {', '.join(available_devices())}"
+                         + hint) from None
+
+
+def available_devices() -> list[str]:
+    import torch
+
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        found += [f"xpu:{i}" for i in range(xpu.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    return found
+
+
+def check_output(path: str | None, *, folder: bool = False, flag: str = "-o") -> None:
+    """An output path that cannot be written is refused before any work: a folder where a file is wanted
+    (or a file where a folder is), a missing or read-only parent folder. `-` (stdout), devices and FIFOs are
+    fine; a symlink is checked at its target, which is what gets written.
+
+    Raises:
+        ValueError: one line naming the path and the reason.
+    """
+    if path is None or path == "-":
+        return
+    target = os.path.realpath(path)
+    if os.path.isdir(target) and not folder:
+        raise ValueError(f"{flag} {path}: is a folder; give the name of the file to write")
+    if os.path.exists(target) and folder and not os.path.isdir(target):
+        raise ValueError(f"{flag} {path}: is a file; with --ray, {flag} names a folder for the shards")
+    parent = target if folder and os.path.isdir(target) else os.path.dirname(target)
+    while folder and not os.path.exists(parent) and parent != os.path.dirname(parent):
+        parent = os.path.dirname(parent)  # --ray creates the shard folder and its parents
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag} {path}: the folder '{parent}' does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: the folder '{parent}' is not writable")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # From a command line to a loaded model
 
 
@@ -272,6 +364,13 @@ def check_family_options(args: argparse.Namespace, family: Family, path: str) ->
     """Family-specific flags given for a model that does not use them: say so instead of ignoring them."""
     if getattr(args, "vocab", None) and "vocab" not in family.options:
         raise ValueError(f"--vocab is for the DINOv3 tagger; '{path}' is a {family.title} model")
+    for name, flag in (("exif", "--exif"), ("white_background", "--white-background")):
+        if getattr(args, name, None) and name not in family.options:
+            raise ValueError(f"{flag} is for the DINOv3 tagger; '{path}' is a {family.title} model")
+    for control in SIZE_CONTROLS:  # a size flag is None unless given (the scripts declare them `unset`)
+        if control is not family.size and getattr(args, control.name, None) is not None:
+            raise ValueError(f"{control.flag} does not apply to '{path}', a {family.title} model: its "
+                             f"{family.size.label.lower()} is {family.size.flag}")
 
 
 def tagger_from_args(args: argparse.Namespace, model_path: str, family: Family, extensions: tuple[str, ...],
@@ -307,6 +406,7 @@ def load_run(args: argparse.Namespace) -> tuple[Tagger, TagSettings]:
     )
 
     flag = lambda name, default=None: getattr(args, name, default) or default  # noqa: E731
+    check_device(getattr(args, "device", None))
     model_path, family = resolve_model(args.model)
     check_family_options(args, family, model_path)
     mode = flag("implications")
@@ -327,11 +427,9 @@ def load_run(args: argparse.Namespace) -> tuple[Tagger, TagSettings]:
         metadata = load_metadata(metadata_path, rewrite)
         log(f" {len(metadata.category)} tags")
     threshold_arg = flag("threshold")
-    if threshold_arg is None and family.calibration == CALIBRATION_CSV and os.path.isfile(DEFAULT_CALIBRATION):
-        threshold_arg = DEFAULT_CALIBRATION
+    if threshold_arg is None and family.calibration == CALIBRATION_CSV:
+        threshold_arg = find_calibration()  # the current folder's, else the project folder's
     threshold = parse_threshold(threshold_arg or DEFAULT_THRESHOLD, rewrite)
-    if isinstance(threshold, dict):
-        log(f"Loading '{threshold_arg}' ... {len(threshold)} tags")
     exclude = [*flag("exclude", []), *flag("exclude_category", [])]
     exclude_tags = spelling.collect_tags(flag("exclude_tag", []), flag("exclude_tags", []))
     undesired = undesired_tags(args)
@@ -364,7 +462,6 @@ def load_run(args: argparse.Namespace) -> tuple[Tagger, TagSettings]:
     _check_metadata_needs(args, metadata, exclude)
     if threshold_arg is None and family.calibration == CALIBRATION_EMBEDDED:
         threshold = embedded_calibration(labels, tagger.model.validation, metric)
-        log(f"Calibrating with {metric}: {len(threshold)} of {len(labels)} tags can be output.")
     for ext in tagger.model.extensions:
         label = rewrite(ext.label)
         if metadata is not None and not own_metadata:
@@ -390,6 +487,7 @@ def load_run(args: argparse.Namespace) -> tuple[Tagger, TagSettings]:
                              "give -t instead")
     aliases = {TagNames(labels, rewrite).find(k) or rewrite(k): v for k, v in aliases.items()}
     TagNames(labels, rewrite).resolve(aliases, "-a/-A/--replace-tag")  # warns about the tags it cannot replace
+    log(selection_line(threshold, threshold_arg, topk, family, metric, len(labels)))
     captions = caption_format(labels, category_names(labels, metadata), family.caption, aliases=aliases,
                               category_prefixes=dict(flag("category_prefix", [])),
                               underscores=bool(flag("underscores", False)) and not flag("spaces", False),
@@ -400,6 +498,27 @@ def load_run(args: argparse.Namespace) -> tuple[Tagger, TagSettings]:
                            groups, family.implications_after_thresholds, captions, by_category, flag("max_tags"))
     settings.rules()  # unknown group tags, bad combinations: one error now rather than per image
     return tagger, settings
+
+
+def selection_line(threshold, threshold_arg: str | None, topk: int | None, family: Family, metric,
+                   n_labels: int) -> str:
+    """The one log line that says how tags are selected: which thresholds (a number, a calibration CSV and
+    where it was found, the model's own calibration) or top k."""
+    from hydra.tags.rules import to_symmetric
+
+    if topk is not None:
+        why = " (uncalibrated probabilities)" if family.default_topk is not None else ""
+        return f"Tags: the {topk} most probable{why}."
+    if isinstance(threshold, dict) and threshold_arg is None:
+        return f"Calibrating with {metric}: {len(threshold)} of {n_labels} tags can be output."
+    if isinstance(threshold, dict):
+        where = f" ({os.path.abspath(threshold_arg)})" if os.path.dirname(threshold_arg) else " (current folder)"
+        return f"Thresholds: per tag from '{threshold_arg}'{where}: {len(threshold)} tags can be output."
+    s = to_symmetric(threshold)
+    source = "-t" if threshold_arg is not None else "default"
+    return (f"Thresholds: {s:g} for every tag ({source}; symmetric scale, p >= {threshold:g})"
+            + ("." if threshold_arg is not None or family.calibration != CALIBRATION_CSV
+               else "; no calibration.csv in the current or the project folder."))
 
 
 def embedded_calibration(labels: list[str], validation, metric) -> dict[str, float]:

@@ -4,6 +4,10 @@ and sha256.
 Only the default files are fetched (a path the user gave explicitly is never replaced). The download goes
 to a hidden temporary file beside the destination and is renamed into place only after the checksum
 matches, so an interrupted or corrupted download never leaves a file that looks valid.
+
+Offline, a download fails at once with one message: `HF_HUB_OFFLINE=1` skips the network entirely, and
+otherwise one metadata request without retries (huggingface_hub's `get_hf_file_metadata`) checks that the Hub
+can be reached before the download starts, instead of huggingface_hub's ~25 s of retries.
 """
 
 from __future__ import annotations
@@ -61,17 +65,18 @@ def ensure_file(path: str | os.PathLike, repo_file: str, *, sha256: str | tuple[
     manual = f"Download {repo_file} from {url} yourself and save it as '{path}'"
     if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
         raise DownloadError(f"{what} '{path}' is missing and HF_HUB_OFFLINE is set. {manual}.")
-    if not _confirm(f"The {what} '{path}' is missing. Download it from {url} ({max(sizes) / 1e6:,.1f} MB)?"):
-        raise DownloadError(f"{what} '{path}' is missing. {manual}.")
     try:
-        from huggingface_hub import hf_hub_download
+        import huggingface_hub
     except ImportError:
         raise DownloadError(f"{what} '{path}' is missing and huggingface_hub is not installed. {manual}.") from None
+    _check_reachable(huggingface_hub, repo_id, repo_file, what, path, manual)
+    if not _confirm(f"The {what} '{path}' is missing. Download it from {url} ({max(sizes) / 1e6:,.1f} MB)?"):
+        raise DownloadError(f"{what} '{path}' is missing. {manual}.")
     path.parent.mkdir(parents=True, exist_ok=True)
     log(f"Downloading {what} from {url} ...")
     with tempfile.TemporaryDirectory(prefix=".download-", dir=path.parent) as tmp:
         try:
-            fetched = Path(hf_hub_download(repo_id, repo_file, local_dir=tmp))
+            fetched = Path(huggingface_hub.hf_hub_download(repo_id, repo_file, local_dir=tmp))
         except Exception as e:  # network, auth, missing file: one message covers them
             reason = " ".join(str(e).split())[:200] or type(e).__name__
             raise DownloadError(f"Could not download the {what} ({reason}). {manual}.") from None
@@ -82,3 +87,21 @@ def ensure_file(path: str | os.PathLike, repo_file: str, *, sha256: str | tuple[
         shutil.move(os.fspath(fetched), os.fspath(path))
     log(f"Saved '{path}' (sha256 verified).")
     return path
+
+
+def _check_reachable(huggingface_hub, repo_id: str, repo_file: str, what: str, path: Path, manual: str) -> None:
+    """One HEAD request for the file, without retries: offline (refused, unroutable, no DNS) fails here within
+    the metadata timeout instead of after huggingface_hub's retries.
+
+    Raises:
+        DownloadError: the Hub cannot be reached or does not have the file.
+    """
+    from huggingface_hub import constants
+
+    try:
+        huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(repo_id, repo_file),
+                                             timeout=constants.HF_HUB_ETAG_TIMEOUT, retry_on_errors=False)
+    except Exception as e:  # connection refused or timed out, DNS, HTTP errors: one message covers them
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise DownloadError(f"{what} '{path}' is missing and {constants.ENDPOINT} cannot be reached ({reason}). "
+                            f"{manual}.") from None

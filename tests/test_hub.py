@@ -32,6 +32,7 @@ def fake_hub(monkeypatch):
 
     calls_payload = [PAYLOAD]
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", lambda url, **kw: None)  # the Hub is reachable
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     return calls, calls_payload
 
@@ -66,9 +67,36 @@ def test_network_failure_is_one_message(tmp_path, monkeypatch):
         raise OSError("Name or service not known")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", boom)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", lambda url, **kw: None)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(DownloadError, match=r"Could not download the model \(Name or service not known\)"):
         ensure_file(tmp_path / "m", "m", sha256=SHA, size=1, what="model")
+
+
+def test_an_unreachable_hub_fails_at_once_without_retries(tmp_path):
+    """A refused endpoint (nothing listens on port 9), HF_HUB_OFFLINE unset: one metadata request, no
+    retry lines, one message, nothing left behind (huggingface_hub alone retries for ~25 s)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"
+    code = ("import sys\nfrom hydra.hub import DownloadError, ensure_file\n"
+            "try:\n    ensure_file(sys.argv[1], 'data/x.csv', sha256='0' * 64, size=1, what='tag metadata')\n"
+            "except DownloadError as e:\n    print(e, file=sys.stderr)\n    sys.exit(2)\n")
+    dest = tmp_path / "data" / "x.csv"
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, "-c", code, str(dest)], capture_output=True, text=True, env=env,
+                         stdin=subprocess.DEVNULL, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+    elapsed = time.monotonic() - start
+    assert run.returncode == 2, run.stderr
+    assert "Retry" not in run.stderr and run.stderr.count("\n") == 1, run.stderr
+    assert "tag metadata" in run.stderr and "http://127.0.0.1:9 cannot be reached" in run.stderr
+    assert "Download data/x.csv from https://huggingface.co/RedRocket/JTP-3 yourself" in run.stderr
+    assert elapsed < 20  # generous: the retries alone take 23 s
+    assert not dest.exists() and not (tmp_path / "data").exists()
 
 
 # -- `-M` names: published models are fetched from their own repos -----------------------------------------

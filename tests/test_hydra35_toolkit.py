@@ -180,7 +180,7 @@ def test_every_implication_mode_gives_upstreams_tag_set(model, images, tagger, m
 
 def test_repl_takes_the_ten_modes(model, images):
     script = f"h\nimplications enforce-remove\nseqlen 128\n{images / 'img0.png'}\nq\n"
-    out = cli("-M", model, "--dtype", "fp32", stdin=script, check_rc=0).stdout
+    out = cli("-M", model, "--dtype", "fp32", "--interactive", stdin=script, check_rc=0).stdout
     assert out.startswith("Hydra 3.5 Interactive Classifier")
     assert "implications MODE (preserve inherit constrain enforce" in out
     assert "Unknown implications mode" not in out

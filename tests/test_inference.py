@@ -133,12 +133,13 @@ def test_extensions_append_and_default_folder(small_model, tmp_path):
     cal.write_text("tag,threshold\ntag_01,0.0\n")
     run = cli("-M", path, "-m", "", "-w", "0", "-e", ext_dir, img, cwd=tmp_path, check_rc=0)
     assert "Ignoring tag 'brand_new_tag' from uncalibrated extension" in run.stderr
-    assert "Loading 'calibration.csv' ... 1 tags" in run.stderr
+    assert "Thresholds: per tag from 'calibration.csv' (current folder): 1 tags can be output." in run.stderr
     assert (tmp_path / "x.txt").read_text() == "tag 01"
 
 
 def test_errors_are_one_clear_line(small_model, tmp_path):
     path, _ = small_model
+    noise_image(32, 32).save(tmp_path / "a.png")  # inputs are checked first: give the model errors a real one
     run = cli("-M", path, "-m", "", "-x", "meta", tmp_path, check_rc=2)
     assert "requires tag metadata" in run.stderr and "Traceback" not in run.stderr
     run = cli("-M", tmp_path / "nope.safetensors", tmp_path, check_rc=2)
@@ -155,6 +156,7 @@ def test_missing_default_model_offline_says_what_to_do(tmp_path, monkeypatch):
 
     if (res.ROOT / res.DEFAULT_MODEL).exists():
         pytest.skip("a real model is installed in models/")
+    noise_image(32, 32).save(tmp_path / "a.png")
     run = cli(tmp_path, check_rc=2)
     assert "HF_HUB_OFFLINE" in run.stderr and "huggingface.co/RedRocket/JTP-3" in run.stderr
 
@@ -167,7 +169,7 @@ def test_interactive_mode_through_stdin(small_model, tmp_path):
     meta.write_text("tag,category,implications\n" + "".join(f"{n},0,\n" for n in names))
     script = "\n".join(["h", "threshold 2", "threshold -1", str(img), "seqlen 10", "seqlen 128",
                         "exclude general", str(img), "nonexistent.png", "q"]) + "\n"
-    run = cli("-M", path, "-m", meta, stdin=script, check_rc=0)
+    run = cli("-M", path, "-m", meta, "--interactive", stdin=script, check_rc=0)
     out = run.stdout
     assert out.startswith("JTP-3 Hydra Interactive Classifier\nType 'q' to quit, or 'h' for help.")
     assert "implications MODE (inherit constrain remove constrain-remove off)" in out
@@ -178,6 +180,7 @@ def test_interactive_mode_through_stdin(small_model, tmp_path):
     assert len(lines) == len(names)  # threshold -1: every tag, once (then all excluded)
     scores = [float(line.split("%")[0].split()[-1]) for line in lines]
     assert scores == sorted(scores, reverse=True) and all(line.startswith("  ") for line in lines)
+    assert all(0 <= s <= 100 for s in scores)  # p as a percentage, not the symmetric score (negative below p 0.5)
     assert "'nonexistent.png': file not found" in out
 
 

@@ -1,8 +1,9 @@
 """The interactive classifier of `inference.py` (run without paths): one image at a time, settings by command.
 
 Commands and output lines follow the original's; the size command is the model family's size control
-(`seqlen` for JTP-3, `max_size` for the DINOv3 tagger). Scores are printed on the symmetric scale as
-percentages, most likely first.
+(`seqlen` for JTP-3, `max_size` for the DINOv3 tagger). Each tag's probability p is printed as a percentage,
+most likely first (the original printed the symmetric score 2p - 1, which reads as 100% for most tags; only
+`threshold NUM` takes the symmetric scale).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from hydra.tags.rules import (
     load_calibration,
     parse_threshold,
     ranked,
-    to_symmetric,
 )
 
 BANNER = """{title} Interactive Classifier
@@ -121,7 +121,7 @@ def _classify(tagger, rules: TagRules, path: str, stdout: TextIO) -> None:
         return
     probs = tagger.predict_samples([sample], rules.active())[0]
     for tag, p in ranked(rules.classify(probs)):
-        print(f"  {to_symmetric(p) * 100:6.1f}% {tag}", file=stdout)
+        print(f"  {p * 100:6.1f}% {tag}", file=stdout)
 
 
 def _need_metadata(session: TagSettings, cmd: str) -> None:

@@ -1,9 +1,9 @@
 """Default file locations and the first-use download of the model and tag metadata.
 
 Defaults are found relative to the project folder (where `inference.py` lives), so the scripts work from
-any current directory; the original resolved them against the current directory. `calibration.csv` is the
-exception: like the original, it is looked up in the current directory, so each dataset folder can have
-its own.
+any current directory; the original resolved them against the current directory. `calibration.csv` is
+looked up in the current directory first, as the original does (so each dataset folder can have its own),
+then in the project folder, where the calibration wizard writes it.
 """
 
 from __future__ import annotations
@@ -97,6 +97,15 @@ def _published_models() -> dict[str, DefaultFile]:
             for name in (*family.model_names, family.model_file.path):
                 known[name] = family.model_file
     return known
+
+
+def find_calibration() -> str | None:
+    """The default calibration CSV: `calibration.csv` in the current directory, else the project folder's
+    (where `calibrate.sh`/`calibrate.bat` save it); None when neither exists."""
+    for path in (DEFAULT_CALIBRATION, project_path(DEFAULT_CALIBRATION)):
+        if os.path.isfile(path):
+            return path
+    return None
 
 
 def resolve_metadata(path: str | None, default: DefaultFile | None) -> str | None:
