@@ -1,16 +1,12 @@
-"""The interactive classifier (inference.py without paths): commands through stdin, and line editing / tab
-completion through a pseudo-terminal.
+"""The interactive classifier (inference.py without paths): commands through stdin.
 
     venv/bin/python -m pytest tests/test_interactive.py -q
 """
 
 from __future__ import annotations
 
-import os
-import select
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import ROOT, noise_image
@@ -63,41 +59,3 @@ def test_quoted_paths_and_images_with_no_passing_tag(repl_files):
 def test_help_lists_the_models_categories(repl_files):
     out = repl(repl_files, "h", "q")
     assert "exclude CATEGORY (general species meta color rating)" in out
-
-
-def test_tab_completion_and_line_editing_at_a_terminal(repl_files):
-    pytest.importorskip("readline")
-    path, meta, img, names = repl_files
-    master, slave = os.openpty()
-    proc = subprocess.Popen([sys.executable, SCRIPT, "-M", path, "-m", meta], stdin=slave, stdout=slave,
-                            stderr=slave, cwd=img.parent, start_new_session=True)
-    os.close(slave)
-    seen = b""
-
-    def wait_for(text: bytes, timeout: float = 120) -> None:
-        nonlocal seen
-        deadline = time.monotonic() + timeout
-        while text not in seen:
-            assert time.monotonic() < deadline, seen.decode(errors="replace")
-            if select.select([master], [], [], 0.5)[0]:
-                try:
-                    seen += os.read(master, 4096)
-                except OSError:
-                    break
-
-    try:
-        wait_for(b"> ")
-        os.write(master, b"thr\t -1\n")  # command completed by tab
-        wait_for(b"Threshold -1 (p >= 0.000)")
-        os.write(master, b"exclude sp\t\n")  # a category completed
-        wait_for(b"Excluding species")
-        os.write(master, b"my\t\n")  # a path completed (the image in the current folder)
-        wait_for(names[0].encode())
-        os.write(master, b"\x1b[A\x1b[A\x01#\n")  # history: up twice gives 'exclude species'; ^A: edit the start
-        wait_for(b"Unknown command '#exclude'")
-        os.write(master, b"q\n")
-        assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(master)
