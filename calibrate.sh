@@ -7,11 +7,30 @@ PY=${HYDRA_PYTHON:-venv/bin/python}
 
 ask() {  # ask VAR "prompt" default: read a line (ENTER = default); fails at end of input
     local answer status
+    ASKED=("$2" "$3")  # for `valid`, which asks again
     read -r -p "$2" answer
     status=$?
     answer=${answer%$'\r'}
     printf -v "$1" '%s' "${answer:-$3}"
     return $status
+}
+
+valid() {  # valid VAR CHECK [ARG...]: until hydra/wizard.py's CHECK accepts $VAR, say why and ask again;
+    local value status  # VAR becomes the accepted form. Fails at end of input.
+    while true; do
+        value=$("$PY" -m hydra.wizard "$2" "${!1}" "${@:3}")
+        status=$?
+        if [ $status -eq 0 ]; then
+            printf -v "$1" '%s' "$value"
+            return 0
+        fi
+        [ $status -eq 1 ] && ask "$1" "${ASKED[@]}" || return 1
+    done
+}
+
+cancel() {
+    echo "Cancelled."
+    exit 1
 }
 
 if ! command -v "$PY" >/dev/null 2>&1; then
@@ -22,11 +41,17 @@ fi
 echo "JTP-3 Hydra calibration: choose a threshold per tag from the validation data."
 echo "Press ENTER to accept the default shown in [brackets]."
 ask METRIC "Metric (cti, f0.5, f1, f2, f<beta>, j, p4) [cti]: " cti
+valid METRIC metric || cancel
 ask MIN_SCORE "Minimum score [0.0]: " 0.0
+valid MIN_SCORE number -1.0 1.0 || cancel
 ask MIN_PRECISION "Minimum precision [0.098]: " 0.098
+valid MIN_PRECISION number 0.0 1.0 || cancel
 ask MIN_RECALL "Minimum recall [0.198]: " 0.198
+valid MIN_RECALL number 0.0 1.0 || cancel
 ask MIN_THRESHOLD "Minimum threshold [none]: " 0.0
+valid MIN_THRESHOLD number 0.0 1.0 || cancel
 ask MAX_THRESHOLD "Maximum threshold [none]: " 1.0
+valid MAX_THRESHOLD number "$MIN_THRESHOLD" 1.0 || cancel
 echo "Enter tags to exclude, one per line, then an empty line to finish."
 echo "Tags are in e621 format, e.g. 3d_(artwork). Use vulva tags instead of pussy tags."
 TAGS=()
@@ -43,9 +68,9 @@ fi
 echo
 echo "python calibrate.py -m $METRIC -s $MIN_SCORE -p $MIN_PRECISION -r $MIN_RECALL -R $MIN_THRESHOLD $MAX_THRESHOLD$PREVIEW_TAGS"
 ask OK "Ok? (y/n) " n
-if [ "$OK" != "y" ] && [ "$OK" != "Y" ]; then
-    echo "Cancelled."
-    exit 1
+valid OK yesno || cancel
+if [ "$OK" != "y" ]; then
+    cancel
 fi
 "$PY" calibrate.py "${ARGS[@]}"
 STATUS=$?

@@ -9,6 +9,7 @@ export HYDRA_PYTHON=$PY
 
 ask() {  # ask VAR "prompt" default: read a line (ENTER = default); fails at end of input
     local answer status
+    ASKED=("$2" "$3")  # for `valid`, which asks again
     read -r -p "$2" answer
     status=$?
     answer=${answer%$'\r'}
@@ -16,28 +17,39 @@ ask() {  # ask VAR "prompt" default: read a line (ENTER = default); fails at end
     return $status
 }
 
+valid() {  # valid VAR CHECK [ARG...]: until hydra/wizard.py's CHECK accepts $VAR, say why and ask again;
+    local value status  # VAR becomes the accepted form. Fails at end of input or on an empty path.
+    while true; do
+        value=$("$PY" -m hydra.wizard "$2" "${!1}" "${@:3}")
+        status=$?
+        if [ $status -eq 0 ]; then
+            printf -v "$1" '%s' "$value"
+            return 0
+        fi
+        [ $status -eq 1 ] && ask "$1" "${ASKED[@]}" || return 1
+    done
+}
+
+lower() { printf '%s' "$1" | tr '[:upper:]' '[:lower:]'; }
+
 autotag() {
     if [ -f calibration.csv ]; then
         echo "Using calibration.csv for the per-tag thresholds."
         THRESHOLD=calibration.csv
     else
         ask THRESHOLD "Threshold, -1.0 to 1.0, lower gives more tags [0.2]: " 0.2
+        valid THRESHOLD number -1.0 1.0 || return
     fi
     ask TARGET "Image or folder to tag (drag and drop it here): " ""
-    TARGET=${TARGET#[\"\']}  # drag and drop may add quotes
-    TARGET=${TARGET%[\"\']}
-    if [ -z "$TARGET" ]; then
+    # quotes, backslash escapes and file:// URLs from drag and drop are undone; a missing path is asked again
+    if ! valid TARGET path "$ORIG_DIR"; then
         echo "No path given."
         return
     fi
-    case "$TARGET" in
-        "~/"*) TARGET="$HOME/${TARGET#"~/"}" ;;
-        /*) ;;
-        *) TARGET="$ORIG_DIR/$TARGET" ;;
-    esac
     ask RECURSE "Include subfolders? (y/n) [n]: " n
+    valid RECURSE yesno || return
     RFLAG=()
-    if [ "$RECURSE" = "y" ] || [ "$RECURSE" = "Y" ]; then
+    if [ "$RECURSE" = "y" ]; then
         RFLAG=(-r)
     fi
     "$PY" inference.py -t "$THRESHOLD" "${RFLAG[@]}" "$TARGET"
@@ -70,7 +82,7 @@ while true; do
     echo "  update       update this folder with git pull"
     echo "  exit"
     ask CHOICE "What would you like to do? " "" || exit 0
-    case "$CHOICE" in
+    case "$(lower "$CHOICE")" in
         autotag | inference) autotag ;;
         app) app ;;
         calibrate) bash calibrate.sh ;;

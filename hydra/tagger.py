@@ -131,7 +131,16 @@ class Tagger:
         """Tags sorted by probability: the `topk` best, or all with p >= `threshold` (default: top 30).
 
         As in the DINOv3 card's API, `topk` wins when both are given; `threshold` is a probability (0..1).
+
+        Raises:
+            ValueError: `threshold` outside 0..1 (inference.py's `-t T` is p = (T + 1) / 2) or `topk` below 1.
         """
+        if threshold is not None and not (isinstance(threshold, int | float | np.floating)
+                                          and 0.0 <= threshold <= 1.0):  # NaN fails too
+            raise ValueError(f"threshold must be a probability from 0 to 1, got {threshold!r} "
+                             "(inference.py's -t T on the -1..1 scale is p = (T + 1) / 2)")
+        if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int | np.integer) or topk < 1):
+            raise ValueError(f"topk must be a whole number of at least 1, got {topk!r}")
         probs = self.predict_samples([self.preprocess(image)])[0]
         order = np.argsort(-probs, kind="stable")
         if topk is None and threshold is None:

@@ -10,8 +10,11 @@ Run: venv/bin/python -m pytest tests/test_wizards.py -q
 
 import os
 import re
+import select
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,8 +24,10 @@ SEP = "\x1f"
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
-# Records one line per call: "<name>\x1f<arg>\x1f<arg>...". $FAKE_NAME tells fakes apart.
+# Records one line per call: "<name>\x1f<arg>\x1f<arg>...". $FAKE_NAME tells fakes apart. The wizards' answer
+# checks (`python -m hydra.wizard ...`) run for real, with this project's hydra/, and are not recorded.
 RECORDER = f"""#!/usr/bin/env bash
+if [ "$1 $2" = "-m hydra.wizard" ]; then PYTHONPATH="{REPO}" exec "{sys.executable}" "$@"; fi
 {{ printf '%s{SEP}' "$FAKE_NAME" "$@"; printf '\\n'; }} >> "$FAKE_LOG"
 """
 
@@ -67,20 +72,23 @@ def calls(log: Path) -> list[list[str]]:
 
 def test_autotag_with_defaults(setup):
     run, _, work, _ = setup
+    (work / "images").mkdir()
     proc, got = run("easy.sh", "autotag\n\nimages\n\nexit\n")
     assert proc.returncode == 0, proc.stderr
     assert got == [["python", "inference.py", "-t", "0.2", f"{work}/images"]]
 
 
 def test_inference_alias_with_custom_threshold_and_recursion(setup):
-    run, *_ = setup
-    proc, got = run("easy.sh", "inference\n0.35\n/data/my pics\ny\nexit\n")
-    assert got == [["python", "inference.py", "-t", "0.35", "-r", "/data/my pics"]]
+    run, _, _, tmp = setup
+    (tmp / "my pics").mkdir()
+    proc, got = run("easy.sh", f"inference\n0.35\n{tmp}/my pics\ny\nexit\n")
+    assert got == [["python", "inference.py", "-t", "0.35", "-r", f"{tmp}/my pics"]]
 
 
 def test_autotag_uses_calibration_csv_when_present(setup):
     run, repo, work, _ = setup
     (repo / "calibration.csv").write_text("tag,threshold,cti\r\n")
+    (work / "my pics").mkdir()
     # no threshold question: the answers are path (quoted, as drag and drop gives it) and recursion
     proc, got = run("easy.sh", "autotag\n'my pics'\nn\nexit\n")
     assert got == [["python", "inference.py", "-t", "calibration.csv", f"{work}/my pics"]]
@@ -134,6 +142,7 @@ def test_missing_venv_runs_install_first(setup):
     (repo / "install.sh").write_text(
         f'echo installed >> "{tmp}/install.log"\n'
         f'mkdir -p venv/bin && cp "{tmp}/bin/python" venv/bin/python\n')
+    (work / "x").mkdir()
     proc, got = run("easy.sh", "autotag\n\nx\n\nexit\n", HYDRA_PYTHON="")
     assert (tmp / "install.log").read_text() == "installed\n"
     assert got == [["python", "inference.py", "-t", "0.2", f"{work}/x"]]
@@ -147,6 +156,209 @@ def test_failed_install_stops_easy_mode(setup):
     (repo / "install.sh").write_text("exit 1\n")
     proc, got = run("easy.sh", "autotag\n\nx\n\nexit\n", HYDRA_PYTHON="")
     assert proc.returncode == 1 and got == [] and "Installation failed" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# easy.sh at a terminal: drag and drop, re-asking, case
+
+
+class Terminal:
+    """A script run on a pseudo-terminal, as a user runs it: what it prints (with the terminal's echo of what
+    is typed) is read back, and lines are typed only after the prompt they answer has appeared."""
+
+    def __init__(self, argv: list[str], cwd: Path, env: dict[str, str]):
+        master, slave = os.openpty()
+        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
+                                     start_new_session=True)
+        os.close(slave)
+        self.fd, self.seen, self.pos = master, "", 0
+
+    def _read(self, timeout: float) -> bool:
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        try:
+            data = os.read(self.fd, 4096) if ready else b""
+        except OSError:  # EIO: the script has ended
+            data = b""
+        self.seen += data.decode(errors="replace").replace("\r\n", "\n")
+        return bool(data)
+
+    def expect(self, text: str, timeout: float = 30) -> str:
+        """Wait for `text` after what was already expected; returns the output up to and including it."""
+        deadline = time.monotonic() + timeout
+        while text not in self.seen[self.pos:]:
+            if not self._read(max(0.0, deadline - time.monotonic())) and time.monotonic() >= deadline:
+                raise AssertionError(f"waited for {text!r}; the terminal shows:\n{self.seen}")
+        end = self.seen.index(text, self.pos) + len(text)
+        out, self.pos = self.seen[self.pos:end], end
+        return out
+
+    def type(self, line: str) -> None:
+        os.write(self.fd, line.encode() + b"\n")
+
+    def finish(self, timeout: float = 30) -> int:
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            self._read(0.1)
+        while self._read(0.1):
+            pass
+        os.close(self.fd)
+        return self.proc.wait(timeout=5)
+
+
+@pytest.fixture
+def terminal(setup):
+    run, repo, work, tmp = setup
+    env = {**os.environ, "HYDRA_PYTHON": str(tmp / "bin" / "python"), "FAKE_LOG": str(tmp / "calls.log")}
+    env.pop("PYTHON", None)
+    return lambda script: Terminal(["bash", str(repo / script)], work, env), tmp
+
+
+AUTOTAG_PROMPTS = ["What would you like to do? ", "Threshold, -1.0 to 1.0, lower gives more tags [0.2]: ",
+                   "Image or folder to tag (drag and drop it here): ", "Include subfolders? (y/n) [n]: "]
+TRICKY = "it's my (pics) 100%"  # a quote, spaces, parentheses and a percent sign
+
+
+def dropped_forms(path: Path) -> dict[str, str]:
+    """How terminals paste a dropped folder (each form ends in the space most of them add)."""
+    text = str(path)
+    return {
+        "gnome-quoted": "'" + text.replace("'", "'\\''") + "' ",
+        "windows-quoted": f'"{text}" ',
+        "macos-escaped": re.sub(r"([ '()%])", r"\\\1", text) + " ",
+        "file-url": path.as_uri() + " ",
+        "file-url-localhost": path.as_uri().replace("file://", "file://localhost") + "  ",
+        "typed-with-spaces": f"  {text}  ",
+    }
+
+
+@pytest.mark.parametrize("form", list(dropped_forms(Path("/x"))))
+def test_dropped_paths_in_every_terminal_form(terminal, form):
+    start, tmp = terminal
+    folder = tmp / TRICKY
+    folder.mkdir()
+    answer = dropped_forms(folder)[form]
+    term = start("easy.sh")
+    for prompt, typed in zip(AUTOTAG_PROMPTS, ["autotag", "", answer, "y"]):
+        term.expect(prompt)
+        term.type(typed)
+    term.expect(AUTOTAG_PROMPTS[0])
+    term.type("exit")
+    assert term.finish() == 0
+    assert calls(tmp / "calls.log") == [["python", "inference.py", "-t", "0.2", "-r", str(folder)]]
+
+
+def test_a_missing_path_is_asked_again(terminal):
+    start, tmp = terminal
+    (tmp / "work" / "pics").mkdir()
+    term = start("easy.sh")
+    for prompt, typed in zip(AUTOTAG_PROMPTS, ["autotag", "0.3", "'no such folder' "]):
+        term.expect(prompt)
+        term.type(typed)
+    shown = term.expect(AUTOTAG_PROMPTS[2])  # asked again, saying what was not found
+    assert f"Not found: {tmp}/work/no such folder." in shown
+    term.type("pics")
+    term.expect(AUTOTAG_PROMPTS[3])
+    term.type("")
+    term.expect(AUTOTAG_PROMPTS[0])
+    term.type("exit")
+    assert term.finish() == 0
+    assert calls(tmp / "calls.log") == [["python", "inference.py", "-t", "0.3", f"{tmp}/work/pics"]]
+
+
+def test_numbers_and_answers_are_checked_where_typed(terminal):
+    start, tmp = terminal
+    (tmp / "work" / "pics").mkdir()
+    term = start("easy.sh")
+    term.expect(AUTOTAG_PROMPTS[0])
+    term.type("  AutoTag")  # menu answers in any case, spaces around them
+    for typed, why in [("2", "'2' is not a number from -1.0 to 1.0"), ("0.2.5", "'0.2.5' is not a number"),
+                       ("nan", "'nan' is not a number")]:
+        term.expect(AUTOTAG_PROMPTS[1])
+        term.type(typed)
+        assert why in term.expect(AUTOTAG_PROMPTS[1])
+        term.pos -= len(AUTOTAG_PROMPTS[1])  # the re-asked prompt is the one answered next
+    term.expect(AUTOTAG_PROMPTS[1])
+    term.type("0,25")  # a decimal comma
+    term.expect(AUTOTAG_PROMPTS[2])
+    term.type("pics")
+    term.expect(AUTOTAG_PROMPTS[3])
+    term.type("maybe")
+    assert "Please answer y or n (not 'maybe')." in term.expect(AUTOTAG_PROMPTS[3])
+    term.type("YES")
+    term.expect(AUTOTAG_PROMPTS[0])
+    term.type("EXIT")
+    assert term.finish() == 0
+    assert calls(tmp / "calls.log") == [["python", "inference.py", "-t", "0.25", "-r", f"{tmp}/work/pics"]]
+
+
+@pytest.mark.parametrize("answer", ["n", "N", "no", "No", ""])
+def test_no_in_any_spelling_means_no(setup, answer):
+    run, _, work, _ = setup
+    (work / "pics").mkdir()
+    proc, got = run("easy.sh", f"autotag\n\npics\n{answer}\nexit\n")
+    assert got == [["python", "inference.py", "-t", "0.2", f"{work}/pics"]]
+
+
+def test_end_of_input_while_a_path_is_asked_again_runs_nothing(setup):
+    run, *_ = setup
+    proc, got = run("easy.sh", "autotag\n\nnowhere\n")
+    assert proc.returncode == 0 and got == [] and "Not found:" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# hydra/wizard.py, the answer checks both twins call
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("'/a/b c' ", "/a/b c"),
+    ("'/a/it'\\''s' ", "/a/it's"),
+    ('"C:\\x y\\p.png"', "C:\\x y\\p.png" if os.sep == "\\" else None),
+    ("/a/b\\ c\\(1\\) ", "/a/b c(1)"),
+    ("file:///a/b%20c/%C3%A9.png", "/a/b c/\u00e9.png"),
+    ("file://localhost/a/b%2520c", "/a/b%20c"),
+    ("  relative/x  ", "relative/x"),
+])
+def test_path_readings(answer, expected):
+    from hydra.wizard import path_candidates
+
+    found = path_candidates(answer)
+    assert found[0] == answer.strip()
+    if expected is not None:
+        assert expected == found[-1]
+
+
+def test_the_literal_name_wins_over_a_decoded_one(tmp_path):
+    from hydra.wizard import existing_path
+
+    (tmp_path / "a%20b").mkdir()  # a folder really named with a percent sign
+    (tmp_path / "a b").mkdir()
+    assert existing_path("a%20b", str(tmp_path)) == str(tmp_path / "a%20b")
+    assert existing_path(f"{(tmp_path / 'a b').as_uri()}", "/") == str(tmp_path / "a b")
+
+
+@pytest.mark.parametrize("argv, code, out", [
+    (["number", "0.198", "0.0", "1.0"], 0, "0.198\n"),
+    (["number", "1.5", "0.0", "1.0"], 1, ""),
+    (["number", "-0.5", "0.0", "1.0"], 1, ""),
+    (["number", "inf", "-1.0", "1.0"], 1, ""),
+    (["number", "", "0.0", "1.0"], 1, ""),
+    (["number", " 1e-1 ", "0.0", "1.0"], 0, "1e-1\n"),
+    (["metric", "F0.5", ], 0, "f0.5\n"),
+    (["metric", "f1.0@0.3"], 0, "f1.0@0.3\n"),
+    (["metric", "f0"], 1, ""),
+    (["metric", "ctii"], 1, ""),
+    (["yesno", " Yes "], 0, "y\n"),
+    (["yesno", "NO"], 0, "n\n"),
+    (["yesno", "yes please"], 1, ""),
+    (["path", "   ", "/"], 2, ""),
+    (["path", "/no/such/path/anywhere", "/"], 1, ""),
+    (["bogus", "x"], 64, ""),
+])
+def test_wizard_checks_from_the_command_line(argv, code, out):
+    proc = subprocess.run([sys.executable, "-m", "hydra.wizard", *argv], capture_output=True, text=True,
+                          cwd=REPO, timeout=60)
+    assert (proc.returncode, proc.stdout) == (code, out), proc.stderr
+    assert bool(proc.stderr) == (code not in (0, 2))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -177,6 +389,19 @@ def test_calibration_wizard_cancels_unless_y(setup, answer):
     run, *_ = setup
     proc, got = run("calibrate.sh", "\n" * 7 + answer + "\n")
     assert proc.returncode == 1 and got == [] and "Cancelled." in proc.stdout
+
+
+def test_calibration_wizard_asks_again_for_out_of_range_numbers(setup):
+    """A minimum recall of 1.5 would calibrate no tag at all (and every later run would tag nothing)."""
+    run, *_ = setup
+    stdin = "CTII\nCTI\n\n\n1.5\n0.3\n0.6\n0.4\n0.9\n\nYes\n"
+    proc, got = run("calibrate.sh", stdin)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert got == [["python", "calibrate.py", "-m", "cti", "-s", "0.0", "-p", "0.098", "-r", "0.3",
+                    "-R", "0.6", "0.9"]]
+    assert "'CTII' is not a metric" in proc.stderr
+    assert "'1.5' is not a number from 0.0 to 1.0" in proc.stderr
+    assert "'0.4' is not a number from 0.6 to 1.0" in proc.stderr  # the maximum is at least the minimum
 
 
 def test_calibration_wizard_at_end_of_input_cancels(setup):
@@ -309,6 +534,24 @@ def test_bat_twin_asks_the_same_questions(name):
     assert [m for m in messages(sh, False) if not PLATFORM.search(m)] == \
         [m for m in messages(bat, True) if not PLATFORM.search(m)]
     assert "line-for-line parallel" in sh and "line-for-line parallel" in bat
+
+
+def checks(text: str) -> list[tuple[str, str]]:
+    """(variable, check and its arguments) of every `valid` call, in order, variables as {NAME}."""
+    found = re.findall(r'^\s*(?:call :|if ! )?valid (\w+) ([^|;\r\n]*?)\s*(?:\|\||;|$)', text, re.M)
+    norm = lambda a: re.sub(r'%(\w+)%|\$(\w+)', lambda m: "{" + (m[1] or m[2]) + "}", a)  # noqa: E731
+    return [(v, norm(a)) for v, a in found]
+
+
+@pytest.mark.parametrize("name", ["easy", "calibrate"])
+def test_bat_twin_checks_the_same_answers(name):
+    sh = (REPO / f"{name}.sh").read_text(encoding="utf-8")
+    bat = (REPO / f"{name}.bat").read_text(encoding="utf-8")
+    assert checks(sh) == checks(bat) and len(checks(sh)) >= 3
+    asked = [a[0] for a in asks(sh)]
+    assert all(v in asked for v, _ in checks(sh))  # every check follows a question
+    # both twins run the same checker, and the .bat reads its UTF-8 answer back under code page 65001
+    assert '-m hydra.wizard "$2"' in sh and "-m hydra.wizard %2" in bat and "chcp 65001" in bat
 
 
 def test_calibrate_twins_preview_the_same_command():
