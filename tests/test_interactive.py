@@ -27,7 +27,7 @@ def repl_files(small_model, tmp_path):
 
 def repl(files, *lines):
     path, meta, *_ = files
-    proc = subprocess.run([sys.executable, SCRIPT, "-M", path, "-m", meta], input="\n".join(lines) + "\n",
+    proc = subprocess.run([sys.executable, SCRIPT, "--interactive", "-M", path, "-m", meta], input="\n".join(lines) + "\n",
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
