@@ -129,6 +129,26 @@ def test_user_errors_are_one_line_and_exit_2(val, capsys, tmp_path, argv, messag
     assert err.count("\n") == 1 and err.startswith("calibrate.py: error: ") and message in err, err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["-p", "0.99", "-r", "0.95"],
+     "no threshold of any of the 4 tags meets the minimums (precision >= 0.99, recall >= 0.95)"),
+    (["-s", "0.9", "-R", "0.1", "0.6"],
+     "(precision >= 0.098, recall >= 0.198, cti score >= 0.9, threshold in [0.1, 0.6])"),
+    (["-x", "a", "b", "c", ":3"], "-x/--exclude-tags leaves out every tag"),
+])
+@pytest.mark.parametrize("output", ["out.csv", "-"])
+def test_a_calibration_of_zero_tags_is_refused(val, capsys, tmp_path, argv, message, output):
+    """A 0-tag calibration would make inference output no tag at all: refuse it, write nothing."""
+    (tmp_path / "out.csv").write_text("previous", encoding="utf-8") if output == "out.csv" else None
+    code, out, err = run(capsys, "--data", val, "-o", output, *argv)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and message in err and "no calibration written" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["out.csv", "val.csv"] if output == "out.csv"
+                                                          else ["val.csv"])
+    if output == "out.csv":
+        assert (tmp_path / "out.csv").read_text(encoding="utf-8") == "previous"
+
+
 def test_script_entry_point_exits_2_without_a_traceback(val, tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "calibrate.py"), "--data", val, "-m", "nope", "-E"],
                          cwd=tmp_path, capture_output=True, text=True)
