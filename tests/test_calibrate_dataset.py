@@ -331,6 +331,29 @@ def test_changed_image_refresh_and_damaged_chunks(model, project, capsys, monkey
     assert code == 0 and "Note: ignoring damaged cache file" in err and "24 cached, 0 to compute" in err
 
 
+def test_truncated_or_corrupt_chunks_are_recomputed_once(model, project, capsys, monkeypatch):
+    """A chunk cut short (BadZipFile) or with a flipped byte (bad CRC) is ignored with one note per run, its
+    images are tagged again, and the damaged files are gone after the run (no note on the next one)."""
+    make_dataset(project / "ds", bad_files=False)
+    assert run(capsys, *base_args(model, "ds"), "-o", "first.csv")[0] == 0
+    (cache,) = (project / "ds" / probability_cache.CACHE_DIR).iterdir()
+    data = (cache / "000001.npz").read_bytes()
+    (cache / "000001.npz").write_bytes(data[: len(data) // 2])  # cut short: no central directory
+    flipped = bytearray(data)
+    flipped[len(data) // 3] ^= 0xFF  # inside the probabilities: a CRC error when read
+    (cache / "000002.npz").write_bytes(bytes(flipped))
+    (cache / "000003.npz").write_bytes(b"PK\x03\x04" + data[4:100])
+    calls = CountCalls(monkeypatch)
+    code, _, err = run(capsys, *base_args(model, "ds"), "-o", "second.csv")
+    assert code == 0, err
+    assert err.count("Note: ignoring damaged cache file") == 1 and "and 2 more" in err, err
+    assert "Traceback" not in err and "0 cached, 24 to compute" in err and calls.images == 24
+    assert (project / "first.csv").read_bytes() == (project / "second.csv").read_bytes()
+    assert [p.name for p in cache.glob("*.npz")] == ["000005.npz"]  # the new chunk, compacted
+    code, _, err = run(capsys, *base_args(model, "ds"), "-o", "-")
+    assert code == 0 and "damaged" not in err and "24 cached, 0 to compute" in err and calls.images == 24
+
+
 @pytest.mark.parametrize("flush_images, error", [(1, RuntimeError), (10_000, KeyboardInterrupt)],
                          ids=["crash-with-chunks-on-the-way", "ctrl-c-saves-on-the-way-out"])
 def test_an_interrupted_run_resumes(model, project, capsys, monkeypatch, flush_images, error):
