@@ -78,8 +78,8 @@ class ProbabilityCache:
     or Ctrl-C loses at most the chunk being written and never damages earlier ones; a later chunk wins for
     the same image. A damaged or foreign chunk (any error reading it) is ignored, with one note per run;
     the images only it held are tagged again, and the compaction at the end of the run removes it. An entry
-    is used only while the image's size and mtime are unchanged. `compact()` merges the chunks into one at the end of a run.
-    If the folder cannot be written (read-only dataset), the run goes on without caching.
+    is used only while the image's size and mtime are unchanged. `compact()` merges the chunks into one at the
+    end of a run. If the folder cannot be written (read-only dataset), the run goes on without caching.
 
     Args:
         folder: the cache folder (from `cache_folder`).
