@@ -159,7 +159,7 @@ def load_curves(args: argparse.Namespace, family: Family, model_path: str | None
                          "--from-dataset DIR, or give --data PATH")
     curves = read_data(args.data)
     if extensions:
-        curves = calibration.add_extensions(curves, family.read_extensions(extensions))
+        curves = calibration.add_extensions(curves, family.read_extensions(extensions), rename=family.rename(False))
     return curves
 
 

@@ -271,6 +271,18 @@ def test_two_extensions_with_one_label_are_an_error(val, capsys, tmp_path):
     assert code == 2 and out == "" and "both define tag 'dup'" in err
 
 
+def test_an_extension_the_caption_rename_makes_equal_to_a_tag_is_an_error(val, capsys, tmp_path):
+    """`b_vulva` is written `b_pussy`, a tag of the validation data: two rows of one name in the calibration."""
+    (tmp_path / "val.csv").write_text(VAL + "b_pussy,0.5,3,1,5,1\n", encoding="utf-8")
+    path = tmp_path / "b_vulva.safetensors"
+    write_extension(path, "b_vulva", EXT_COUNTS)
+    code, out, err = run(capsys, "--data", val, "-o", "-", "-e", str(path))
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert f"{path}: tag 'b_vulva' is written 'b_pussy'" in err and "the tag 'b_pussy'" in err
+    write_extension(path, "b_pussy", EXT_COUNTS)  # replacing the tag itself is fine
+    assert run(capsys, "--data", val, "-o", "-", "-e", str(path))[0] == 0
+
+
 def test_bad_extension_file_is_one_line(val, capsys, tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     code, _, err = run(capsys, "--data", val, "-o", "-", "-e", "junk.safetensors")
