@@ -74,6 +74,36 @@ def output_path(args: argparse.Namespace, family: Family) -> str:
     return path
 
 
+def check_caption_name(tag: str, family: Family, path: str) -> None:
+    """Refuse a tag that the family's caption rename makes equal to another tag (`big_vulva` beside JTP-3's
+    `big_pussy`: two CSV columns and caption tags of one name): checked against the family's tag list
+    (`data/jtp-3-hydra-tags.csv`, when present) and the other extensions in the folder of `path`."""
+    from hydra.models.checkpoint import read_metadata
+    from hydra.models.extensions import KEY_LABEL, caption_name_conflict, find_extensions
+    from hydra.tags.rules import load_metadata
+
+    rename = family.rename(False)
+    if not any(old in tag or new in tag for old, new in family.caption.renames):
+        return  # no rename touches this name
+    sources: list[tuple[str, list[str]]] = []
+    if family.metadata_file is not None and os.path.isfile(tags_csv := project_path(family.metadata_file.path)):
+        sources.append((tags_csv, list(load_metadata(tags_csv, rewrite=lambda t: t).category)))
+    folder = os.path.dirname(path) or "."
+    for other_file in find_extensions([folder], use_default=False):
+        if os.path.abspath(other_file) == os.path.abspath(path):
+            continue  # the file being replaced (--replace)
+        try:
+            sources.append((other_file, [read_metadata(other_file).get(KEY_LABEL, "")]))
+        except (CheckpointError, OSError):
+            continue  # an unreadable neighbour is reported when it is loaded
+    for source, tags in sources:
+        if (other := caption_name_conflict(tag, tags, rename)) is not None:
+            raise ValueError(f"TAG {tag!r} is written {rename(tag)!r} in captions and CSV columns (the "
+                             f"{' / '.join(f'{a} -> {b}' for a, b in family.caption.renames)} rename), as is the "
+                             f"tag {other!r} of '{source}'; use {rename(tag)!r} to replace that tag, or another "
+                             "name")
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         check_args(args)
@@ -82,6 +112,7 @@ def main(args: argparse.Namespace) -> int:
         family = training.checkpoint_family(ckpt)
         family.require_training()
         path = output_path(args, family)
+        check_caption_name(args.tag, family, path)
         if ckpt.get("validation") is None:
             log("Warning: the checkpoint has no validation data. Calibration will not be supported.")
         log("Preparing metadata...")

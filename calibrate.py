@@ -159,7 +159,7 @@ def load_curves(args: argparse.Namespace, family: Family, model_path: str | None
                          "--from-dataset DIR, or give --data PATH")
     curves = read_data(args.data)
     if extensions:
-        curves = calibration.add_extensions(curves, family.read_extensions(extensions))
+        curves = calibration.add_extensions(curves, family.read_extensions(extensions), rename=family.rename(False))
     return curves
 
 
@@ -246,6 +246,23 @@ def selection_options(args: argparse.Namespace, family: Family) -> tuple[str, di
     return metric, {k: v for k, v in options.items() if v is not None}
 
 
+def no_tags_reason(curves: dict[str, calibration.Curve], metric: str, options: dict) -> str:
+    """Why `select_thresholds` chose no tag (a calibration of 0 tags would make inference output nothing)."""
+    if not any(len(curve.thresholds) for curve in curves.values()):
+        return "the validation data holds no thresholds for any tag"
+    if not set(curves) - set(options.get("exclude", ())):
+        return "-x/--exclude-tags leaves out every tag of the validation data"
+    defaults = {"min_precision": calibration.DEFAULT_MIN_PRECISION, "min_recall": calibration.DEFAULT_MIN_RECALL}
+    limits = [f"{flag} {value:g}" for key, flag in (("min_precision", "precision >="), ("min_recall", "recall >="),
+                                                     ("min_score", f"{metric} score >="))
+              if (value := options.get(key, defaults.get(key))) is not None]
+    if options.get("threshold_range") is not None:
+        low, high = options["threshold_range"]
+        limits.append(f"threshold in [{low:g}, {high:g}]")
+    return (f"no threshold of any of the {len(curves)} tags meets the minimums "
+            f"({', '.join(limits) or 'none given'}): they are too strict for this data; loosen -p/-r/-s/-R")
+
+
 def plot_file(plot_dir: str, tag: str) -> str:
     # percent-encode characters that are unsafe in file names (e621 has tags like ':3' and '</3')
     return os.path.join(plot_dir, urllib.parse.quote(tag, safe="()_-.,'!+=@") + ".png")
@@ -271,6 +288,8 @@ def main(args: argparse.Namespace) -> int:
                 print(f"Note: excluded tag {tag!r} is not in the validation data.", file=sys.stderr)
         metric, options = selection_options(args, family)
         choices = calibration.select_thresholds(curves, **options)
+        if not choices:
+            raise ValueError(no_tags_reason(curves, metric, options) + "; no calibration written")
         if args.output == "-":
             calibration.write_calibration(sys.stdout, choices, metric)
         else:

@@ -155,6 +155,18 @@ def load_model(args: argparse.Namespace, model_path: str) -> Tagger:
     return tagger
 
 
+def check_caption_name(tag: str, family: Family, labels: list[str], model_path: str) -> None:
+    """Refuse a new tag that the family's caption rename makes equal to a model tag (`big_vulva` beside JTP-3's
+    `big_pussy` would give two CSV columns and caption tags of one name), before any work is done."""
+    from hydra.models.extensions import caption_name_conflict
+
+    rename = family.rename(False)
+    if (other := caption_name_conflict(tag, labels, rename)) is not None:
+        raise ValueError(f"TAG {tag!r} is written {rename(tag)!r} in captions and CSV columns (the "
+                         f"{' / '.join(f'{a} -> {b}' for a, b in family.caption.renames)} rename), as is the tag "
+                         f"{other!r} of '{model_path}'; train {rename(tag)!r} to replace that tag, or another name")
+
+
 def make_head(args: argparse.Namespace, tagger: Tagger, ckpt: dict | None) -> tuple[torch.nn.Module, dict]:
     """The trainable head (fresh, from -i, or from -r) and what checkpoints record about the model."""
     family, model = tagger.family, tagger.model
@@ -182,6 +194,7 @@ def main(args: argparse.Namespace) -> int:
         ckpt = resume_checkpoint(args, ws, family) if args.resume else None
         args.seed = SEED if args.seed is None else args.seed
         tagger = load_model(args, model_path)
+        check_caption_name(args.tag, family, tagger.model.labels, model_path)
         cache_tag = family.name if args.cache_tag is CACHE_TAG_DEFAULT else args.cache_tag
         workers = worker_count(args.cache_workers, 1 << 30)  # build_feature_cache caps it to the images to do
         cache = features.build_feature_cache(

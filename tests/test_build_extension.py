@@ -236,3 +236,27 @@ def test_upstream_checkpoint_with_whole_attn_pool_is_accepted(tmp_path, trained,
     assert run(capsys, "-o", tmp_path, tmp_path / "upstream.pt", "t", "general")[0] == 0
     assert set(load_tensors(tmp_path / "t.safetensors")[0]) == {"q", "out_proj.weight", "validation"}
     assert os.path.getsize(tmp_path / "t.safetensors") < 4096
+
+
+def test_a_tag_the_caption_rename_makes_equal_to_another_is_refused(tmp_path, trained, capsys, monkeypatch):
+    """`big_vulva` is written `big_pussy` in captions and CSV columns, like the real model's `big_pussy`
+    (data/jtp-3-hydra-tags.csv) or a neighbouring extension's tag (issue 15, item 10)."""
+    tags_csv = resources.project_path(resources.DEFAULT_METADATA)
+    monkeypatch.setattr(resources, "ROOT", tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / resources.DEFAULT_METADATA).write_text("tag,category,implications\nbig_pussy,0,\nspread_vulva,0,\n",
+                                                       encoding="utf-8")
+    out = tmp_path / "out"
+    out.mkdir()
+    code, err = run(capsys, "-o", out, trained[0], "big_vulva", "general")
+    assert code == 2 and err.count("\n") == 2, err  # "Loading checkpoint" and the error
+    assert ("error: TAG 'big_vulva' is written 'big_pussy' in captions and CSV columns (the vulva -> pussy "
+            f"rename), as is the tag 'big_pussy' of '{resources.project_path(resources.DEFAULT_METADATA)}'") in err
+    assert not list(out.iterdir())
+    assert run(capsys, "-o", out, trained[0], "new_vulva", "general")[0] == 0
+    code, err = run(capsys, "-o", out, trained[0], "new_pussy", "general")
+    assert code == 2 and f"as is the tag 'new_vulva' of '{out / 'new_vulva.safetensors'}'" in err
+    # replacing the tag by its own name is fine, and so is rebuilding one file under another spelling
+    assert run(capsys, "-o", out, trained[0], "big_pussy", "general")[0] == 0
+    assert run(capsys, "-o", out, "-r", trained[0], "new_pussy", "general", "new_vulva")[0] == 0
+    assert os.path.isfile(tags_csv)  # the real file is untouched (only the project folder was redirected)

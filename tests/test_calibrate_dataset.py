@@ -178,6 +178,43 @@ def test_json_sidecar_shapes():
             tags_from_json(bad)
 
 
+def test_hostile_sidecars_are_reported_and_skipped(tmp_path, capsys):
+    """A 100k-deep JSON (RecursionError), a FIFO (would block), an oversized file and a UTF-16 one: one line
+    each naming the file, that sidecar skipped, the others read."""
+    import os
+    import threading
+
+    from hydra.calibration.sidecars import MAX_JSON_BYTES, read_sidecar, read_sidecars
+
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "deepobj.json").write_text('{"tags": ' + '{"a": ' * 100_000 + "1" + "}" * 100_001)
+    with open(tmp_path / "huge.json", "wb") as f:
+        f.truncate(MAX_JSON_BYTES + 1)  # sparse: no disk used
+    (tmp_path / "good.json").write_text('["fox"]')
+    (tmp_path / "utf16.json").write_text('{"tags": ["caf\u00e9"]}', encoding="utf-16")  # with a BOM
+    os.mkfifo(tmp_path / "fifo.json")
+    for name in ("deep", "deepobj", "huge", "good", "utf16"):
+        (tmp_path / f"{name}.png").write_bytes(b"")
+    raw, missing, failed = read_sidecars([str(tmp_path / f"{n}.png") for n in ("deep", "deepobj", "huge", "good",
+                                                                             "utf16")])
+    assert raw == {str(tmp_path / "good.png"): ["fox"], str(tmp_path / "utf16.png"): ["caf\u00e9"]}
+    assert (missing, failed) == (0, 3)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and "Traceback" not in "".join(err)
+    assert any("deep.json" in line and "nested too deeply" in line for line in err), err
+    assert any("deepobj.json" in line and "nested too deeply" in line for line in err), err
+    assert any("huge.json" in line and "larger than" in line for line in err), err
+
+    result = []
+    reader = threading.Thread(target=lambda: result.append(pytest.raises(SidecarError, read_sidecar,
+                                                                         str(tmp_path / "fifo.json"))),
+                              daemon=True)
+    reader.start()
+    reader.join(10)
+    assert not reader.is_alive(), "reading a FIFO sidecar blocked"
+    assert "not a regular file" in str(result[0].value)
+
+
 def test_caption_splitting_and_tag_matching():
     assert split_caption(" red fox,3d \\(artwork\\) ,\n\nsafe, ") == ["red fox", "3d \\(artwork\\)", "safe"]
     m = TagMatcher(["3d_(artwork)", "red_fox", "spread_vulva", "\\m/", "Case_Tag", "case_tag"], renames=(("vulva", "pussy"),))
@@ -329,6 +366,29 @@ def test_changed_image_refresh_and_damaged_chunks(model, project, capsys, monkey
     (cache / "000009.npz").write_bytes(b"garbage")
     code, _, err = run(capsys, *base_args(model, "ds"), "-o", "-")
     assert code == 0 and "Note: ignoring damaged cache file" in err and "24 cached, 0 to compute" in err
+
+
+def test_truncated_or_corrupt_chunks_are_recomputed_once(model, project, capsys, monkeypatch):
+    """A chunk cut short (BadZipFile) or with a flipped byte (bad CRC) is ignored with one note per run, its
+    images are tagged again, and the damaged files are gone after the run (no note on the next one)."""
+    make_dataset(project / "ds", bad_files=False)
+    assert run(capsys, *base_args(model, "ds"), "-o", "first.csv")[0] == 0
+    (cache,) = (project / "ds" / probability_cache.CACHE_DIR).iterdir()
+    data = (cache / "000001.npz").read_bytes()
+    (cache / "000001.npz").write_bytes(data[: len(data) // 2])  # cut short: no central directory
+    flipped = bytearray(data)
+    flipped[len(data) // 3] ^= 0xFF  # inside the probabilities: a CRC error when read
+    (cache / "000002.npz").write_bytes(bytes(flipped))
+    (cache / "000003.npz").write_bytes(b"PK\x03\x04" + data[4:100])
+    calls = CountCalls(monkeypatch)
+    code, _, err = run(capsys, *base_args(model, "ds"), "-o", "second.csv")
+    assert code == 0, err
+    assert err.count("Note: ignoring damaged cache file") == 1 and "and 2 more" in err, err
+    assert "Traceback" not in err and "0 cached, 24 to compute" in err and calls.images == 24
+    assert (project / "first.csv").read_bytes() == (project / "second.csv").read_bytes()
+    assert [p.name for p in cache.glob("*.npz")] == ["000005.npz"]  # the new chunk, compacted
+    code, _, err = run(capsys, *base_args(model, "ds"), "-o", "-")
+    assert code == 0 and "damaged" not in err and "24 cached, 0 to compute" in err and calls.images == 24
 
 
 @pytest.mark.parametrize("flush_images, error", [(1, RuntimeError), (10_000, KeyboardInterrupt)],

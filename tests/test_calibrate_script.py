@@ -129,6 +129,26 @@ def test_user_errors_are_one_line_and_exit_2(val, capsys, tmp_path, argv, messag
     assert err.count("\n") == 1 and err.startswith("calibrate.py: error: ") and message in err, err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["-p", "0.99", "-r", "0.95"],
+     "no threshold of any of the 4 tags meets the minimums (precision >= 0.99, recall >= 0.95)"),
+    (["-s", "0.9", "-R", "0.1", "0.6"],
+     "(precision >= 0.098, recall >= 0.198, cti score >= 0.9, threshold in [0.1, 0.6])"),
+    (["-x", "a", "b", "c", ":3"], "-x/--exclude-tags leaves out every tag"),
+])
+@pytest.mark.parametrize("output", ["out.csv", "-"])
+def test_a_calibration_of_zero_tags_is_refused(val, capsys, tmp_path, argv, message, output):
+    """A 0-tag calibration would make inference output no tag at all: refuse it, write nothing."""
+    (tmp_path / "out.csv").write_text("previous", encoding="utf-8") if output == "out.csv" else None
+    code, out, err = run(capsys, "--data", val, "-o", output, *argv)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and message in err and "no calibration written" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["out.csv", "val.csv"] if output == "out.csv"
+                                                          else ["val.csv"])
+    if output == "out.csv":
+        assert (tmp_path / "out.csv").read_text(encoding="utf-8") == "previous"
+
+
 def test_script_entry_point_exits_2_without_a_traceback(val, tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "calibrate.py"), "--data", val, "-m", "nope", "-E"],
                          cwd=tmp_path, capture_output=True, text=True)
@@ -249,6 +269,18 @@ def test_two_extensions_with_one_label_are_an_error(val, capsys, tmp_path):
     write_extension(tmp_path / "two.safetensors", "dup", EXT_COUNTS)
     code, out, err = run(capsys, "--data", val, "-o", "-", "-e", "one.safetensors", "-e", "two.safetensors")
     assert code == 2 and out == "" and "both define tag 'dup'" in err
+
+
+def test_an_extension_the_caption_rename_makes_equal_to_a_tag_is_an_error(val, capsys, tmp_path):
+    """`b_vulva` is written `b_pussy`, a tag of the validation data: two rows of one name in the calibration."""
+    (tmp_path / "val.csv").write_text(VAL + "b_pussy,0.5,3,1,5,1\n", encoding="utf-8")
+    path = tmp_path / "b_vulva.safetensors"
+    write_extension(path, "b_vulva", EXT_COUNTS)
+    code, out, err = run(capsys, "--data", val, "-o", "-", "-e", str(path))
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert f"{path}: tag 'b_vulva' is written 'b_pussy'" in err and "the tag 'b_pussy'" in err
+    write_extension(path, "b_pussy", EXT_COUNTS)  # replacing the tag itself is fine
+    assert run(capsys, "--data", val, "-o", "-", "-e", str(path))[0] == 0
 
 
 def test_bad_extension_file_is_one_line(val, capsys, tmp_path):

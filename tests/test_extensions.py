@@ -127,3 +127,53 @@ def test_metadata_fields_and_validation_are_read(tmp_path):
     assert (ext.label, ext.category, ext.implies) == ("my_tag_(custom)", "species", ["a_tag", "b_tag"])
     assert ext.validation.tolist() == val.tolist()
     assert set(load_file(path)) == {"q", "out_proj.weight", "validation"}  # only its own tensors
+
+
+@pytest.fixture(scope="module")
+def pussy_model(tmp_path_factory):
+    from hydra.testing.jtp3 import write_model
+
+    names = ["big_pussy", "spread_vulva", "tag_2"]  # as in the real model: no name has both spellings
+    return write_model(tmp_path_factory.mktemp("pussy") / "m.safetensors", names, seed=4), names
+
+
+def test_a_tag_that_the_caption_rename_makes_equal_to_another_is_refused(pussy_model, tmp_path):
+    """`big_vulva` would be written `big_pussy` in captions and CSV columns, like the model's own `big_pussy`
+    (issue 15, item 10): refused at load with one line naming both tags and the file."""
+    path, names = pussy_model
+    clash = write_extension(tmp_path / "clash.safetensors", "big_vulva")
+    with pytest.raises(ExtensionError) as e:
+        load_jtp3(path, extensions=load_extensions([clash]))
+    message = str(e.value)
+    assert message.startswith(f"{clash}: tag 'big_vulva' is written 'big_pussy'") and "\n" not in message
+    assert "the model's tag 'big_pussy'" in message
+    # two extensions that clash with each other, whichever the model holds
+    a = write_extension(tmp_path / "a.safetensors", "new_vulva")
+    b = write_extension(tmp_path / "b.safetensors", "new_pussy", seed=2)
+    with pytest.raises(ExtensionError, match=r"b\.safetensors: tag 'new_pussy' .* the tag of extension "
+                                             r".*a\.safetensors' 'new_vulva'"):
+        load_extensions([a, b])
+    with pytest.raises(ExtensionError, match="the tag of extension"):  # not through load_extensions
+        load_jtp3(path, extensions=[read_extension(a), read_extension(b)])
+    # replacing a tag of the model under its own name, in either spelling the model uses, is fine
+    ok = [write_extension(tmp_path / "r1.safetensors", "spread_vulva", seed=3),
+          write_extension(tmp_path / "r2.safetensors", "big_pussy", seed=5),
+          write_extension(tmp_path / "r3.safetensors", "other_vulva", seed=6)]
+    assert load_jtp3(path, extensions=load_extensions(ok)).labels == names + ["other_vulva"]
+
+
+def test_inference_refuses_the_clash_in_one_line(pussy_model, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    path, _ = pussy_model
+    clash = write_extension(tmp_path / "ext" / "clash.safetensors", "big_vulva")
+    noise_image(64, 64).save(tmp_path / "a.png")
+    proc = subprocess.run([sys.executable, str(ROOT / "inference.py"), "-M", path, "-w", "0", "-E", "-e", clash,
+                           "-o", tmp_path / "out.csv", tmp_path / "a.png"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "tag 'big_vulva' is written 'big_pussy'" in proc.stderr and str(clash) in proc.stderr
+    assert not (tmp_path / "out.csv").exists()

@@ -396,3 +396,19 @@ def test_resume_refuses_seed_init_and_optimizer_flags(flag):
 def test_cli_reports_a_missing_workspace(tmp_path, capsys):
     assert train_extension.main(parse("-D", str(tmp_path), "my_tag")) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_tag_the_caption_rename_makes_equal_to_a_model_tag_is_refused(tmp_path, capsys):
+    """`big_vulva` is written `big_pussy` in captions and CSV columns, like the model's `big_pussy` (issue 15,
+    item 10): refused once the model is loaded, before any feature is computed."""
+    path = write_model(tmp_path / "m.safetensors", ["big_pussy", "other"])
+    for kind, seed in (("positive", 1), ("negative", 2)):
+        (tmp_path / "train" / "big_vulva" / kind).mkdir(parents=True)
+        write_image(tmp_path / "train" / "big_vulva" / kind / "a.png", seed=seed)
+    before = sorted(p for p in (tmp_path / "train").rglob("*"))
+    code = train_extension.main(parse("-D", str(tmp_path / "train"), "-M", path, "-d", "cpu", "big_vulva"))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert (f"error: TAG 'big_vulva' is written 'big_pussy' in captions and CSV columns (the vulva -> pussy "
+            f"rename), as is the tag 'big_pussy' of '{path}'") in err
+    assert sorted(p for p in (tmp_path / "train").rglob("*")) == before  # no feature cache started

@@ -76,9 +76,10 @@ class ProbabilityCache:
 
     Chunks are only ever added, each written to a hidden temporary file and renamed into place, so a crash
     or Ctrl-C loses at most the chunk being written and never damages earlier ones; a later chunk wins for
-    the same image. A damaged or foreign chunk is ignored with a note. An entry is used only while the
-    image's size and mtime are unchanged. `compact()` merges the chunks into one at the end of a run.
-    If the folder cannot be written (read-only dataset), the run goes on without caching.
+    the same image. A damaged or foreign chunk (any error reading it) is ignored, with one note per run;
+    the images only it held are tagged again, and the compaction at the end of the run removes it. An entry
+    is used only while the image's size and mtime are unchanged. `compact()` merges the chunks into one at the
+    end of a run. If the folder cannot be written (read-only dataset), the run goes on without caching.
 
     Args:
         folder: the cache folder (from `cache_folder`).
@@ -102,15 +103,21 @@ class ProbabilityCache:
                 info = json.load(f)
             if info.get("key") == json.loads(json.dumps(self.key_info)):
                 self.labels = list(info["labels"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except Exception:  # damaged in any way (bad JSON, too deep, wrong types): the cache starts afresh
             self.labels = None
         if self.labels is None:
             return  # chunks cannot be checked without the labels; they will be replaced
+        damaged = []
         for path in self._chunks():
             try:
                 self._read_chunk(path)
-            except (OSError, ValueError, KeyError, EOFError) as e:
-                log(f"Note: ignoring damaged cache file '{path}' ({' '.join(str(e).split())[:120]}).")
+            except Exception as e:  # BadZipFile, zlib.error, EOFError, ValueError, KeyError, OSError, ...
+                damaged.append((path, e))
+        if damaged:  # one note per run; the images are tagged again and compact() then drops the damaged files
+            path, e = damaged[0]
+            more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
+            log(f"Note: ignoring damaged cache file '{path}'{more} ({type(e).__name__}: "
+                f"{' '.join(str(e).split())[:120]}); images only they held are tagged again.")
 
     def _read_chunk(self, path: str) -> None:
         with np.load(path, allow_pickle=False) as z:

@@ -16,7 +16,9 @@ The rules, in one place (docs/tag-rules.md has the tag spellings):
   `hydra.calibration.dataset.merge_curves` takes the others from the default validation data (or leaves
   them out).
 - Images without a sidecar, with an empty one, or whose sidecar names no model tag at all (a prose
-  caption, say) are skipped and counted; an unreadable sidecar is reported and skipped.
+  caption, say) are skipped and counted; an unreadable sidecar is reported and skipped. Only regular files are
+  read (a FIFO would block), at most 1 MiB of `.txt` and `MAX_JSON_BYTES` of `.json`; a byte-order mark decides
+  the encoding (`hydra.bulk.run.read_caption`).
 
 Shapes: N = images, T = model tags.
 """
@@ -36,6 +38,7 @@ import numpy as np
 from hydra.bulk.run import read_caption, report
 
 SIDECAR_SUFFIXES = (".json", ".txt")  # looked for in this order: the structured file wins
+MAX_JSON_BYTES = 16 << 20  # a JSON sidecar larger than this is not one (an e621 post is a few KB)
 RATINGS = {"s": "safe", "q": "questionable", "e": "explicit"}  # e621's `rating` letters -> JTP-3's tags
 
 
@@ -63,15 +66,14 @@ def read_sidecar(path: str) -> list[str]:
         SidecarError: unreadable file, invalid JSON, or JSON of an unexpected shape.
     """
     try:
+        # only a regular file, at most a size cap (a FIFO would block, /dev/zero never end); BOMs are honoured
         if path.lower().endswith(".json"):
-            with open(path, encoding="utf-8-sig") as f:
-                data = json.load(f)
-            return tags_from_json(data)
+            return tags_from_json(json.loads(read_caption(path, MAX_JSON_BYTES)))
         return split_caption(read_caption(path))
     except json.JSONDecodeError as e:
         raise SidecarError(f"not valid JSON (line {e.lineno}: {e.msg})") from None
-    except UnicodeDecodeError:
-        raise SidecarError("JSON sidecar is not UTF-8 text") from None
+    except RecursionError:  # json's decoder recurses per nesting level: [[[[...]]]] 100k deep
+        raise SidecarError("JSON nested too deeply to be a sidecar") from None
     except OSError as e:
         raise SidecarError(f"cannot read the sidecar ({e.strerror or e})") from None
 

@@ -326,6 +326,7 @@ def extension_curve(validation: Any) -> Curve:
 
 def add_extensions(
     curves: Mapping[str, Curve], extensions: Iterable[Any], log: Callable[[str], None] | None = None,
+    rename: Callable[[str], str] | None = None,
 ) -> dict[str, Curve]:
     """Add (or replace) the curves of extension tags.
 
@@ -334,20 +335,28 @@ def add_extensions(
         extensions: objects with `path`, `label` and `validation` (None or (T_v, 4)), e.g.
             `hydra.models.extensions.Extension`.
         log: where to report which extensions are used or skipped (default: stderr).
+        rename: the family's caption rename (JTP-3: vulva -> pussy); an extension tag it makes equal to another
+            tag of the data (`big_vulva`, `big_pussy`) is refused, as inference refuses it.
 
     Returns:
         A new tag -> Curve; an extension's label replaces any CSV curve of that tag.
 
     Raises:
-        ValueError: when two extensions have the same label.
+        ValueError: when two extensions have the same label, or (with `rename`) one gets another tag's name.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     out, seen = dict(curves), {}
+    renamed = {rename(tag): tag for tag in reversed(list(curves))} if rename is not None else {}
     for ext in extensions:
         if ext.label in seen:
             raise ValueError(f"extensions '{seen[ext.label]}' and '{ext.path}' both define the tag "
                              f"'{ext.label}'; remove one of them")
         seen[ext.label] = ext.path
+        if rename is not None and (other := renamed.setdefault(rename(ext.label), ext.label)) != ext.label \
+                and ext.label not in curves:
+            raise ValueError(f"{ext.path}: tag '{ext.label}' is written '{rename(ext.label)}' in captions and CSV "
+                             f"columns, as is the tag '{other}' of the validation data or another extension; name "
+                             f"it '{rename(ext.label)}' to replace that tag, or choose another name")
         if ext.validation is None:
             log(f"Skipping extension '{ext.path}' (tag '{ext.label}'): it has no validation data.")
             continue

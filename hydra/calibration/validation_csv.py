@@ -57,6 +57,7 @@ def _gc_paused() -> Iterator[None]:
 
 
 def _read_validation_csv(path: str) -> dict[str, Curve]:
+    reader = None
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
@@ -71,9 +72,11 @@ def _read_validation_csv(path: str) -> dict[str, Curve]:
                     parts.append(_parse_rows(path, rows, len(header), columns, codes, done))
                 done += len(rows)
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        # the decoder reads ahead in blocks, so e.start is not a file offset: give the line reached instead
+        line = reader.line_num if reader is not None else 0
+        raise ValueError(f"{path}: after line {line}: not UTF-8 text ({e.reason}); save the file as UTF-8") from None
     except csv.Error as e:
-        raise ValueError(f"{path}: malformed CSV: {e}") from None
+        raise ValueError(f"{path}:{reader.line_num if reader is not None else 1}: malformed CSV: {e}") from None
     if not parts:
         return {}
     tag_idx = np.concatenate([p[0] for p in parts])  # (R,)

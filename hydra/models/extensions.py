@@ -13,7 +13,7 @@ upstream, so an extension behaves at inference as in the validation that chose i
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -26,6 +26,7 @@ from hydra.models.checkpoint import (
     save_safetensors,
 )
 from hydra.tags.names import check_tag_name
+from hydra.tags.rules import rewrite_tag
 
 if TYPE_CHECKING:
     import torch
@@ -121,14 +122,37 @@ def read_extension(path: str | os.PathLike) -> Extension:
     )
 
 
+def caption_name_conflict(label: str, others: Iterable[str], rename: Callable[[str], str] = rewrite_tag) -> str | None:
+    """The first of `others` that is another tag but gets `label`'s name after the caption rename, or None.
+
+    JTP-3 writes labels renamed (`vulva` -> `pussy`) in captions, CSV columns and calibrations, so a new tag
+    `big_vulva` beside the model's `big_pussy` would give two columns and caption tags of one name.
+    """
+    name = rename(label)
+    return next((other for other in others if other != label and rename(other) == name), None)
+
+
+def renamed_conflict_message(path: str | os.PathLike, label: str, other: str, whose: str) -> str:
+    """One line naming both tags and the file: `label` (of `path`) clashes with `other` (`whose`: 'the model's tag',
+    "extension 'x.safetensors''s tag", ...)."""
+    return (f"{path}: tag {label!r} is written {rewrite_tag(label)!r} in captions and CSV columns (the vulva -> "
+            f"pussy rename), as is {whose} {other!r}; name it {rewrite_tag(label)!r} to replace that tag, or choose "
+            "another name")
+
+
 def load_extensions(paths: Sequence[str | os.PathLike]) -> list[Extension]:
-    """Read extension files and folders (see `find_extensions`); two files with the same label are a conflict."""
+    """Read extension files and folders (see `find_extensions`); two files with the same label, or with labels
+    that the caption rename makes equal (`big_vulva`, `big_pussy`), are a conflict."""
     exts = [read_extension(p) for p in find_extensions(paths, use_default=False)]
-    seen: dict[str, str] = {}
+    seen: dict[str, Extension] = {}  # renamed label -> the first extension with it
     for ext in exts:
-        if ext.label in seen:
-            raise ExtensionError(f"extensions {seen[ext.label]!r} and {ext.path!r} both define tag {ext.label!r}")
-        seen[ext.label] = ext.path
+        first = seen.setdefault(rewrite_tag(ext.label), ext)
+        if first is ext:
+            continue
+        if first.label == ext.label:
+            raise ExtensionError(f"extensions {first.path!r} and {ext.path!r} both define tag {ext.label!r}")
+        raise ExtensionError(renamed_conflict_message(ext.path, ext.label, first.label,
+                                                      f"the tag of extension {first.path!r}"))
     return exts
 
 
@@ -141,6 +165,9 @@ def merge_extensions(pool: HydraPool, labels: list[str], exts: Iterable[Extensio
     """
     labels = list(labels)
     index = {t: i for i, t in enumerate(labels)}
+    renamed: dict[str, tuple[str, str]] = {}  # caption name -> (first label with it, whose it is)
+    for label in labels:
+        renamed.setdefault(rewrite_tag(label), (label, "the model's tag"))
     h, e, a = pool.cfg.n_heads, pool.cfg.head_dim, pool.cfg.attn_dim
     new_q, new_out = [], []
     for ext in exts:
@@ -151,6 +178,9 @@ def merge_extensions(pool: HydraPool, labels: list[str], exts: Iterable[Extensio
             raise ExtensionError(f"{ext.path}: shapes q {tuple(ext.q.shape)}, out_proj.weight "
                                  f"{tuple(ext.out_proj.shape)} do not fit this model (expected ({h}, 1, {e}) "
                                  f"and (1, {a}, 2))")
+        other, whose = renamed.setdefault(rewrite_tag(ext.label), (ext.label, f"the tag of extension {ext.path!r}"))
+        if other != ext.label and ext.label not in index:
+            raise ExtensionError(renamed_conflict_message(ext.path, ext.label, other, whose))
         q = rms_normalize(ext.q)
         if ext.label in index:
             # Upstream copies q into the out_proj slot here (a bug); we replace both, as intended.

@@ -13,8 +13,8 @@ Upstream's `classify_output` runs these operators on {tag: p} in model order:
 5. `remove`/`constrain-remove`/`enforce-remove` drop every tag implied by a present tag.
 
 "Implies" is transitive through model labels only: a consequent that is not a model label ends the chain
-(build the graph with `label_graph`). A label removed from the output (below threshold, grouped out,
-excluded) does not break a chain.
+(build the graph with `label_graph`; cycles are broken as `ImplicationGraph` says, docs/tag-rules.md). A
+label removed from the output (below threshold, grouped out, excluded) does not break a chain.
 
 One deliberate deviation: upstream's `enforce*` modes crash (KeyError) on most images, because the walk
 deletes antecedents that an earlier failing tag already deleted; we remove "if present" (see `qualify`).

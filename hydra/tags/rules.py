@@ -13,12 +13,13 @@ Conventions (docs/calibration.md, docs/tag-rules.md):
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import math
 import os
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -68,14 +69,45 @@ class DataFileError(ValueError):
 
 
 def _open_csv(path: str | os.PathLike, required: Sequence[str]) -> tuple[csv.DictReader, object]:
+    """A DictReader over `path` whose rows are read through `_rows`, and the open file (the caller closes it).
+
+    Raises:
+        DataFileError: a missing column, or a header that is not UTF-8 text or not CSV.
+    """
     f = open(path, encoding="utf-8-sig", newline="")  # -sig: tolerate a BOM written by spreadsheet tools
     reader = csv.DictReader(f)
-    missing = [c for c in required if c not in (reader.fieldnames or [])]
+    try:
+        with _read_errors(path, reader):
+            fieldnames = reader.fieldnames
+    except DataFileError:
+        f.close()
+        raise
+    missing = [c for c in required if c not in (fieldnames or [])]
     if missing:
         f.close()
         raise DataFileError(f"{path}: line 1: missing column(s) {', '.join(missing)} "
                             f"(expected a header with {', '.join(required)})")
     return reader, f
+
+
+@contextlib.contextmanager
+def _read_errors(path: str | os.PathLike, reader: csv.DictReader) -> Iterator[None]:
+    """Turn the csv module's and the decoder's errors while reading into a DataFileError naming file and line."""
+    try:
+        yield
+    except (UnicodeDecodeError, csv.Error) as e:
+        line = reader.reader.line_num  # lines read, counting the failed one (DictReader's own count lags behind)
+        if isinstance(e, csv.Error):
+            raise DataFileError(f"{path}: line {line}: malformed CSV: {e}") from None
+        # the decoder reads ahead in blocks: the bad byte is somewhere after the lines parsed so far
+        raise DataFileError(f"{path}: after line {line}: not UTF-8 text ({e.reason}); "
+                            "save the file as UTF-8") from None
+
+
+def _rows(path: str | os.PathLike, reader: csv.DictReader) -> Iterator[dict[str, str]]:
+    """The reader's rows; a read error becomes a DataFileError naming the file and line."""
+    with _read_errors(path, reader):
+        yield from reader
 
 
 @dataclass
@@ -100,7 +132,7 @@ def load_metadata(path: str | os.PathLike, rewrite: Callable[[str], str] = rewri
     meta = TagMetadata()
     reader, f = _open_csv(path, ("tag", "category", "implications"))
     with f:
-        for row in reader:
+        for row in _rows(path, reader):
             line = reader.line_num
             tag = (row["tag"] or "").strip()
             if not tag:
@@ -125,7 +157,7 @@ def load_calibration(path: str | os.PathLike, rewrite: Callable[[str], str] = re
     thresholds: dict[str, float] = {}
     reader, f = _open_csv(path, ("tag", "threshold"))
     with f:
-        for row in reader:
+        for row in _rows(path, reader):
             value = (row["threshold"] or "").strip()
             if not value:
                 continue
