@@ -107,7 +107,8 @@ def make_web(args: argparse.Namespace):
         log(f"Model {i} of {len(models)}: {name} ({family.title})")
         # Each model gets the flags its family uses, loaded as inference.py loads it. The UI owns the selection
         # (a calibration, the slider or top k), implications and exclusions.
-        load_args = argparse.Namespace(model=path, device=args.device, dtype=args.dtype, max_pixels=MAX_PIXELS,
+        load_args = argparse.Namespace(model=path, device=args.device, dtype=args.dtype, compile=args.compile,
+                                       max_pixels=MAX_PIXELS,
                                        threshold=csv_threshold if family.calibration == "csv" else None,
                                        **family_flags(args, family))
         if "vocab" in family.options:

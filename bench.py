@@ -7,6 +7,7 @@ Examples:
     python bench.py --tiny --images 3 --seqlen 64  # smoke run on a tiny random model (the test suite does this)
     python bench.py --family jtp3 hydra35 --quick  # JTP-3 and Hydra 3.5 side by side
     python bench.py --family hydra35 --tiny --images 2 --seqlen 64 --no-load-probe   # Hydra 3.5 smoke run
+    python bench.py --compile --modes ours --quick --batch-size 1   # ours with and without -c (torch.compile)
 
 Nothing is downloaded. The model is a full-size random-weight file in the exact real format, written once by
 `hydra.testing.jtp3.write_model` into bench-results/ (1 GB); timing does not depend on the weights' values.
@@ -28,6 +29,8 @@ Every measurement is a fresh process, so start-up and peak RSS are honest:
   each batch size, all threads (`--no-stage-probe` skips them).
 
 images/s counts the images after the first result (steady state); "first" is process start to the first row.
+`--compile` adds an "ours -c" row (`inference.py -c`, torch.compile) beside every "ours" row: its "first" minus the
+eager row's is the compile time, and its images/s the compiled steady state (both printed after the table).
 "useful" is the model's own FLOPs (JTP-3's or Hydra 3.5's) on the unpadded images per second, as a fraction of the
 bf16 matmul peak measured here (model FLOPs utilisation); "exec" counts what the mode really computes (naive pads every
 image to `seqlen`) over the same peak. `--repeat N` runs everything N times round-robin and keeps each
@@ -90,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="What to run. (Default: both)")
     g.add_argument("--workers", type=int, nargs="+",
                    help="Loader processes for ours. (Default: inference.py's default, the number of cores)")
+    g.add_argument("--compile", action="store_true",
+                   help="Also run every 'ours' row with inference.py -c (torch.compile): compile time, steady img/s.")
     g.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="Dtype for ours. "
                    "(Default: auto; naive is always bf16, as the original)")
     g.add_argument("--no-load-probe", action="store_true", help="Skip the model-loading memory probes.")
@@ -254,6 +259,7 @@ class Run:
     workers: int | None
     dtype: str
     family: str = "jtp3"
+    compile: bool = False                         # ours with -c (torch.compile)
     images: int = 0
     images_per_s: float = math.nan
     first_result_s: float = math.nan
@@ -276,7 +282,8 @@ def run_command(run: Run, model: str, folder: Path, out: Path) -> list[str]:
                 "--seqlen", str(run.seqlen), "--device", run.device]
     cmd = [sys.executable, str(ROOT / "inference.py"), "-M", model, "-E", "-o", "-", "-S", str(run.seqlen),
            "-b", str(run.batch), "-d", run.device, "--dtype", run.dtype]
-    return cmd + (["-w", str(run.workers)] if run.workers is not None else []) + [str(folder)]
+    return (cmd + (["-w", str(run.workers)] if run.workers is not None else []) + (["-c"] if run.compile else [])
+            + [str(folder)])
 
 
 def execute(cmd: list[str], timeout: float, cwd: Path) -> tuple[list[tuple[float, str, list[float]]], dict]:
@@ -496,8 +503,9 @@ def plan(args: argparse.Namespace, devices: list[str]) -> list[Run]:
                     if "naive" in args.modes and family == "jtp3":  # the original's way exists for JTP-3 only
                         runs.append(Run(device, folder, seqlen, "naive", 1, None, "bf16"))
                     if "ours" in args.modes:
-                        runs += [Run(device, folder, seqlen, "ours", b, w, args.dtype, family)
-                                 for b in args.batch_size for w in (args.workers or [None])]
+                        runs += [Run(device, folder, seqlen, "ours", b, w, args.dtype, family, c)
+                                 for b in args.batch_size for w in (args.workers or [None])
+                                 for c in ((False, True) if args.compile else (False,))]
     return runs
 
 
@@ -525,7 +533,8 @@ def machine_info(devices: list[str]) -> dict:
 def print_table(runs: list[Run]) -> None:
     head = ("family", "device", "folder", "seqlen", "mode", "batch", "workers", "img/s", "x naive", "first s",
             "x naive", "RSS GB", "useful", "exec")
-    rows = [(r.family, r.device, r.folder, r.seqlen, r.mode, r.batch, "-" if r.workers is None else r.workers,
+    rows = [(r.family, r.device, r.folder, r.seqlen, r.mode + (" -c" if r.compile else ""), r.batch,
+             "-" if r.workers is None else r.workers,
              f"{r.images_per_s:.3f}", _ratio(r.speedup), f"{r.first_result_s:.1f}", _ratio(r.first_result_ratio),
              "-" if r.peak_rss_gb is None else f"{r.peak_rss_gb:.2f}", f"{100 * r.fraction_of_peak:.0f}%",
              f"{100 * r.executed_fraction_of_peak:.0f}%")
@@ -533,6 +542,20 @@ def print_table(runs: list[Run]) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     for line in [head, tuple("-" * w for w in widths), *rows]:
         print("  ".join(str(x).rjust(w) for x, w in zip(line, widths)))
+
+
+def print_compile(runs: list[Run]) -> None:
+    """Each "ours -c" row against its eager twin: the extra seconds to the first result (compiling) and the
+    steady-state speed ratio."""
+    for r in runs:
+        eager = next((e for e in runs if not e.compile and e.mode == r.mode and (e.family, e.device, e.folder,
+                      e.seqlen, e.batch, e.workers) == (r.family, r.device, r.folder, r.seqlen, r.batch, r.workers)),
+                     None)
+        if r.compile and eager is not None:
+            print(f"-c {r.family} {r.device} {r.folder} seqlen {r.seqlen} batch {r.batch}: compile "
+                  f"+{r.first_result_s - eager.first_result_s:.1f} s to the first result, steady "
+                  f"{r.images_per_s:.3f} img/s against {eager.images_per_s:.3f} "
+                  f"({_ratio(r.images_per_s / eager.images_per_s)}x)")
 
 
 def _ratio(x: float) -> str:
@@ -664,6 +687,7 @@ def main(args: argparse.Namespace) -> int:
     path = out / f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
     path.write_text(json.dumps(report, indent=1, default=str))
     print_table(runs)
+    print_compile(runs)
     print_stages(report["stages"])
     print(f"\n{report['machine']['cpu']}, {report['machine']['date']}; bf16 matmul peak "
           + ", ".join(f"{d} {p['bf16']:.0f} GFLOP/s" for d, p in peaks.items()) + f"\nJSON: {path}")

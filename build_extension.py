@@ -23,7 +23,8 @@ from hydra.models.family import Family
 from hydra.models.resources import project_path
 from hydra.tags.names import check_tag_name
 from hydra.tags.rules import CATEGORIES
-from hydra.train import loop as training
+
+# torch and the training code are imported in main(): --help and argument errors do not wait for them.
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +108,8 @@ def check_caption_name(tag: str, family: Family, path: str) -> None:
 def main(args: argparse.Namespace) -> int:
     try:
         check_args(args)
+        from hydra.train import loop as training
+
         log(f"Loading checkpoint '{args.checkpoint}'...")
         ckpt = training.load_checkpoint(args.checkpoint)
         family = training.checkpoint_family(ckpt)

@@ -47,7 +47,7 @@ DATASET_ONLY = {"data_out": "--data-out", "recursive": "--recursive", "metadata"
                 "min_positives": "--min-positives", "refresh": "--refresh", "vocab": "--vocab",
                 "seqlen": "-S", "device": "-d", "dtype": "--dtype", "batch": "-b", "workers": "-w",
                 "no_shm": "--no-shm", "max_size": "--max-size", "exif": "--exif",
-                "white_background": "--white-background"}
+                "white_background": "--white-background", "compile": "-c"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,7 +187,7 @@ def dataset_curves(args: argparse.Namespace) -> tuple[dict[str, calibration.Curv
     options = ModelOptions(extensions=extensions, vocab=args.vocab, exif=bool(args.exif),
                            white_background=bool(args.white_background))
     size = getattr(args, family.size.name) or family.size.default
-    spec = TaggerSpec(checkpoint, options, size, args.device, args.dtype)
+    spec = TaggerSpec(checkpoint, options, size, args.device, args.dtype, bool(args.compile))
     implies = None
     if metadata_path := resolve_metadata(args.metadata, family.metadata_file):
         implies = load_metadata(metadata_path, rewrite=lambda t: t).implies

@@ -18,8 +18,7 @@ import argparse
 import os
 import random
 import sys
-
-import torch
+from typing import TYPE_CHECKING
 
 from hydra.cli import natural, positive_int, resolve_model, worker_count
 from hydra.common import default_device, log
@@ -27,10 +26,15 @@ from hydra.hub import DownloadError
 from hydra.models.checkpoint import CheckpointError
 from hydra.models.family import Family
 from hydra.models.resources import DEFAULT_MODEL, short_model_names
-from hydra.tagger import Tagger
-from hydra.train import features
-from hydra.train import loop as training
-from hydra.train.optim import AdamWScheduleFree
+
+# torch, the model and the training code are imported where they are used: --help and argument errors do not
+# wait for them.
+if TYPE_CHECKING:
+    import torch
+
+    from hydra.tagger import Tagger
+    from hydra.train import features
+    from hydra.train.optim import AdamWScheduleFree
 
 # Optimizer flags: default None so that "given" can be told apart (they conflict with --resume).
 HYPER = {"lr": 1e-4, "beta1": 0.9, "beta2": 0.999, "beta1_c": 200.0, "weight_decay": 1e-2, "warmup_steps": 20}
@@ -103,11 +107,15 @@ def check_args(args: argparse.Namespace) -> None:
     given = [f"--{k.replace('_', '-')}" for k in fixed if getattr(args, k) is not None]
     if args.resume and given:
         raise ValueError(f"--resume continues with the checkpoint's settings; remove {', '.join(given)}")
+    from hydra.train import features
+
     features.check_tag(args.tag)
     features.check_cache_tag(args.cache_tag)
 
 
 def setup_device(name: str | None) -> torch.device:
+    import torch
+
     device = torch.device(name or default_device())
     if device.type == "cuda":  # upstream's CUDA settings (the allocator reads its config at the first allocation)
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")
@@ -116,6 +124,8 @@ def setup_device(name: str | None) -> torch.device:
 
 
 def make_optimizer(head, args, ckpt) -> AdamWScheduleFree:
+    from hydra.train.optim import AdamWScheduleFree
+
     hp = {k: HYPER[k] if getattr(args, k, None) is None else getattr(args, k) for k in HYPER}
     opt = AdamWScheduleFree(head.named_trainable(), lr=hp["lr"], beta1=hp["beta1"], beta2=hp["beta2"],
                             c=hp["beta1_c"], weight_decay=hp["weight_decay"], warmup_steps=hp["warmup_steps"],
@@ -136,6 +146,8 @@ def find_checkpoint(ws: features.Workspace, name: str) -> str:
 
 def resume_checkpoint(args: argparse.Namespace, ws: features.Workspace, family: Family) -> dict:
     """`-r`: the checkpoint, checked against the model family and -e; its seed becomes the run's."""
+    from hydra.train import loop as training
+
     ckpt = training.load_checkpoint(find_checkpoint(ws, args.resume))
     trained_for = training.checkpoint_family(ckpt)
     if trained_for is not family:
@@ -148,6 +160,8 @@ def resume_checkpoint(args: argparse.Namespace, ws: features.Workspace, family: 
 
 def load_model(args: argparse.Namespace, model_path: str) -> Tagger:
     """The base model (no extensions), with its family's preprocessing at the default size."""
+    from hydra.tagger import Tagger
+
     device = setup_device(args.device)
     log(f"Loading '{model_path}' ...", end="")
     tagger = Tagger(model_path, device=str(device), dtype=args.dtype)
@@ -169,6 +183,10 @@ def check_caption_name(tag: str, family: Family, labels: list[str], model_path: 
 
 def make_head(args: argparse.Namespace, tagger: Tagger, ckpt: dict | None) -> tuple[torch.nn.Module, dict]:
     """The trainable head (fresh, from -i, or from -r) and what checkpoints record about the model."""
+    import torch
+
+    from hydra.train import loop as training
+
     family, model = tagger.family, tagger.model
     init = None
     if args.init_from_tag is not None:
@@ -188,6 +206,8 @@ def make_head(args: argparse.Namespace, tagger: Tagger, ckpt: dict | None) -> tu
 def main(args: argparse.Namespace) -> int:
     try:
         check_args(args)
+        from hydra.train import features
+
         ws = features.Workspace.for_tag(args.dir, args.tag)
         model_path, family = resolve_model(args.model)
         family.require_training()
@@ -216,6 +236,8 @@ def main(args: argparse.Namespace) -> int:
 def train(args: argparse.Namespace, ws: features.Workspace, head: torch.nn.Module, info: dict, items,
           ckpt: dict | None) -> int:
     """Split, check, build the optimizer (fresh or from -r), and run the epoch loop."""
+    from hydra.train import loop as training
+
     rng = random.Random(args.seed)
     train_set, val_set = training.split_dataset(items, args.validation_samples, rng)
     problems = training.sanity_problems(items, train_set, val_set, args.batch, args.accumulate)

@@ -95,6 +95,8 @@ def add_device_flags(group, *, unset: bool = False) -> None:
                        help="Torch device. (Default: cuda if available, else cpu)")
     group.add_argument("--dtype", choices=DTYPE_CHOICES, default=_default("auto", unset),
                        help="Compute dtype. (Default: auto = bf16 on GPUs and on CPUs with native bf16, else fp32)")
+    group.add_argument("-c", "--compile", action="store_true", default=_default(False, unset),
+                       help="torch.compile the model's forward (slow first batch; falls back to eager if it fails).")
 
 
 def add_metadata_flag(group, *, short: bool = True) -> None:
@@ -380,7 +382,8 @@ def tagger_from_args(args: argparse.Namespace, model_path: str, family: Family, 
     return Tagger(model_path, getattr(args, "vocab", None), device=device or args.device, dtype=args.dtype,
                   size=getattr(args, family.size.name, None), extensions=extensions,
                   max_pixels=getattr(args, "max_pixels", DEFAULT_MAX_PIXELS), exif=bool(getattr(args, "exif", False)),
-                  white_background=bool(getattr(args, "white_background", False)))
+                  white_background=bool(getattr(args, "white_background", False)),
+                  compile=bool(getattr(args, "compile", False)))
 
 
 def load_run(args: argparse.Namespace) -> tuple[Tagger, TagSettings]:

@@ -46,12 +46,15 @@ class Tagger:
         extensions: extension files to merge (families with extensions).
         max_pixels: refuse images above this many pixels before decoding (default 256 Mpx; None: no limit).
         exif, white_background: DINOv3 preprocessing fixes, off by default for parity with its script.
+        compile: run the network's forward under `torch.compile` (upstream Hydra 3.5's `-c`), for every family;
+            where compiling fails (no C++ compiler, an unsupported device...) it warns once and runs eagerly.
     """
 
     def __init__(self, checkpoint_path: str | os.PathLike = DEFAULT_MODEL, vocab_path: str | os.PathLike | None = None,
                  *, device: str | None = None, dtype: str | None = None, size: int | None = None,
                  seqlen: int | None = None, max_size: int | None = None, extensions: Sequence[str] = (),
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS, exif: bool = False, white_background: bool = False):
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, exif: bool = False, white_background: bool = False,
+                 compile: bool = False):
         self.path = os.fspath(checkpoint_path)
         self.family: Family = detect(self.path)
         self.options = ModelOptions(extensions=tuple(os.fspath(e) for e in extensions),
@@ -63,6 +66,9 @@ class Tagger:
         self._warned_empty = False  # predict_samples' "no tag selectable" warning, given once
         self.model: TagModel = self.family.load(self.path, self.options, self.device, self.dtype)
         self.labels: list[str] = self.model.labels
+        self.compile = compile
+        if compile:
+            compile_model(self.model)
         given = {self.family.size.name: None, "size": size, "seqlen": seqlen, "max_size": max_size}
         self.size = next((v for v in given.values() if v is not None), self.family.size.default)
 
@@ -85,7 +91,7 @@ class Tagger:
     @property
     def spec(self) -> TaggerSpec:
         """What reloads this tagger (elsewhere, e.g. in a Ray actor)."""
-        return TaggerSpec(self.path, self.options, self.size, str(self.device), self._requested_dtype)
+        return TaggerSpec(self.path, self.options, self.size, str(self.device), self._requested_dtype, self.compile)
 
     def sample_tokens(self, sample: dict[str, np.ndarray]) -> int:
         """The tokens the model runs for one sample (batching groups similar lengths)."""
@@ -152,6 +158,69 @@ class Tagger:
         return f"{len(self.labels)} tags on {self.device} ({self.dtype_reason})"
 
 
+COMPILE_MODE = "max-autotune-no-cudagraphs"  # upstream Hydra 3.5's -c
+
+
+def compile_model(model: TagModel) -> bool:
+    """Run `model.net.forward_features` (the backbone, every family's forward) under `torch.compile`.
+
+    Shapes are compiled dynamic: NaFlex batches change length with every image, and DINOv3 images change size,
+    so one graph serves them all instead of a recompile per size. Returns False, after one line on stderr,
+    when the model has no such forward.
+    """
+    net = getattr(model, "net", None)
+    eager = getattr(net, "forward_features", None)
+    if eager is None:
+        log(f"warning: -c/--compile is not supported for {type(model).__name__}; running without it")
+        return False
+    net.forward_features = _CompiledForward(eager)
+    return True
+
+
+class _CompiledForward:
+    """A forward under torch.compile that falls back to eager, with one warning, when compiling fails.
+
+    torch.compile can fail when it is set up or, lazily, at a call that (re)compiles (no C++ compiler, an
+    unsupported device or op). Either way the call is re-run eagerly and every later call stays eager. Once a
+    compiled call has worked, only compiler errors fall back; any other error (bad input, out of memory) is the
+    caller's and propagates.
+    """
+
+    def __init__(self, eager: Any):
+        self.eager = eager
+        self.worked = False
+        try:
+            self.compiled = torch.compile(eager, dynamic=True, mode=COMPILE_MODE)
+        except Exception as e:  # noqa: BLE001 -- any set-up failure means: run eagerly
+            self.compiled = None
+            self._give_up(e)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.compiled is not None:
+            try:
+                out = self.compiled(*args, **kwargs)
+                self.worked = True
+                return out
+            except Exception as e:  # noqa: BLE001
+                if self.worked and not _compiler_error(e):
+                    raise
+                self.compiled = None
+                self._give_up(e)
+        return self.eager(*args, **kwargs)
+
+    @staticmethod
+    def _give_up(e: BaseException) -> None:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        log(f"warning: -c/--compile: torch.compile failed ({type(e).__name__}: {reason}); running without it")
+
+
+def _compiler_error(e: BaseException) -> bool:
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor.exc import InductorError
+
+    return isinstance(e, TorchDynamoException | InductorError)
+
+
 def load_tagger(checkpoint_path: str | os.PathLike = DEFAULT_MODEL, device: str | None = None,
                 **kwargs: Any) -> Tagger:
     """Load a tagger once; see `Tagger` for the keyword arguments."""
@@ -172,9 +241,10 @@ class TaggerSpec:
     size: int
     device: str | None = None
     dtype: str | None = None
+    compile: bool = False
 
     def load(self, device: str | None = None) -> Tagger:
         o = self.options
         return Tagger(self.path, o.vocab, device=device or self.device, dtype=self.dtype, size=self.size,
                       extensions=o.extensions, max_pixels=o.max_pixels, exif=o.exif,
-                      white_background=o.white_background)
+                      white_background=o.white_background, compile=self.compile)

@@ -74,3 +74,14 @@ def test_load_probe_reports_memory(tmp_path, capsys):
         probe = json.loads(capsys.readouterr().out)
         assert probe["weights_gb"] > 0 and probe["peak_rss_gb"] >= probe["rss_before_gb"] > 0
         assert probe["dtype"] in ("bfloat16", "float32")
+
+
+def test_compile_adds_a_compiled_twin_of_every_ours_row():
+    args = _args("--compile", "--seqlen", "256", "--batch-size", "1", "4", "--folders", "mixed")
+    runs = bench.plan(args, ["cpu"])
+    ours = [r for r in runs if r.mode == "ours"]
+    assert sorted((r.batch, r.compile) for r in ours) == [(1, False), (1, True), (4, False), (4, True)]
+    assert [r for r in runs if r.mode == "naive" and r.compile] == []
+    commands = {r.compile: bench.run_command(r, "m.safetensors", bench.Path("f"), bench.Path(".")) for r in ours}
+    assert "-c" in commands[True] and "-c" not in commands[False]
+    assert not any(r.compile for r in bench.plan(_args("--seqlen", "256"), ["cpu"]))
