@@ -76,3 +76,19 @@ def image_folder(tmp_path) -> Path:
     (folder / "notes.txt").write_text("not an image")
     (folder / ".hidden.png").write_bytes(b"")
     return folder
+
+
+class FullAtClose:
+    """A file whose buffered data only reaches the disk at close, which then fails (a full disk)."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, text):
+        return self.f.write(text)
+
+    def close(self):
+        import errno
+
+        self.f.close()
+        raise OSError(errno.ENOSPC, "No space left on device")

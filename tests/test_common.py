@@ -13,6 +13,7 @@ import threading
 
 import pytest
 import torch
+from conftest import FullAtClose
 
 from hydra import common
 from hydra.common import atomic_write, choose_dtype
@@ -95,18 +96,7 @@ def test_a_write_error_at_close_commits_nothing(tmp_path, monkeypatch):
     target.write_text("old")
     fdopen = os.fdopen
 
-    class DiskFull:  # the buffered data only reaches the disk at close, which then fails
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, text):
-            return self.f.write(text)
-
-        def close(self):
-            self.f.close()
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(common.os, "fdopen", lambda *a, **kw: DiskFull(fdopen(*a, **kw)))
+    monkeypatch.setattr(common.os, "fdopen", lambda *a, **kw: FullAtClose(fdopen(*a, **kw)))
     with pytest.raises(OSError, match="No space"), atomic_write(target) as f:
         f.write("new")
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["c.txt"]

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, noise_image
+from conftest import ROOT, FullAtClose, noise_image
 
 from hydra.bulk import distributed
 from hydra.bulk.run import CsvSink
@@ -470,24 +470,11 @@ def test_cuda_without_gpus_is_refused():
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
 def test_a_shard_whose_commit_fails_leaves_nothing_and_stops_the_run(tmp_path, monkeypatch, fmt):
-    import errno
-
     from hydra import common
 
     labels = ["a", "b"]
     distributed.open_folder(tmp_path, fmt, labels)
     fdopen = os.fdopen
-
-    class FullAtClose:  # the buffered rows reach the disk only at close, which fails
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, text):
-            return self.f.write(text)
-
-        def close(self):
-            self.f.close()
-            raise OSError(errno.ENOSPC, "No space left on device")
 
     def flaky(fd, mode, **kw):
         f = fdopen(fd, mode, **kw)
