@@ -12,8 +12,7 @@ Examples:
 Nothing is downloaded. The model is a full-size random-weight file in the exact real format, written once by
 `hydra.testing.jtp3.write_model` into bench-results/ (1 GB); timing does not depend on the weights' values.
 `--family hydra35` adds Hydra 3.5 rows on a full-size random file in its real layout (`hydra.testing.hydra35`,
-1.06 GB, libvips preprocessing with its real white background and mks2013-linear resize); it has no "naive"
-re-creation of upstream's Hydra 3.5 script, so its rows are "ours" only. The
+1.06 GB, libvips preprocessing with its real white background and mks2013-linear resize), naive and ours. The
 images are generated deterministically: a "mixed" folder (pixel counts log-uniform from 96x96 to 4096x4096,
 twelve aspect ratios, JPEG/PNG/WebP, some with alpha) and a "uniform" folder of 4000x3000 JPEGs.
 
@@ -22,13 +21,18 @@ Every measurement is a fresh process, so start-up and peak RSS are honest:
 - "naive" re-creates what the original inference.py does: every tensor read into a dict and copied into an
   allocated model (peak ~2x the weights), loader workers that import torch and timm (the original's spawned
   workers re-import its modules), batch 1, every image padded to `seqlen`, the boolean key mask always passed,
-  the Hydra head over all tags in one pass, bf16. Both print the same CSV, so their probabilities are compared.
+  the Hydra head over all tags in one pass, bf16. For Hydra 3.5 it re-creates upstream's inference.py the same
+  way: every tensor read (the validation table too) and copied into an allocated model, its default loader
+  workers (min(ceil(cores / 3), 16), at most half the images) that import torch and timm, libvips as ours,
+  batch 1 padded to `seqlen` with the mask, the whole pool and head over all 8,886 tags in one pass, unfolded.
+  Both modes print the same CSV, so their probabilities are compared.
 - "load" probes load the model alone and report RSS before and the peak after (ours vs the original's way).
 - "stage" probes split ours per family in one process: decode + resize + patchify (the family's own pipeline:
   Pillow for JTP-3, libvips for Hydra 3.5) per image on one thread, and the model forward on those samples at
   each batch size, all threads (`--no-stage-probe` skips them).
 
-images/s counts the images after the first result (steady state); "first" is process start to the first row.
+images/s counts the images after the first result (steady state); "first" is process start to the first row;
+"wall" is process start to exit (start-up, every image, shut-down), the user's wait for the whole folder.
 `--compile` adds an "ours -c" row (`inference.py -c`, torch.compile) beside every "ours" row: its "first" minus the
 eager row's is the compile time, and its images/s the compiled steady state (both printed after the table).
 "useful" is the model's own FLOPs (JTP-3's or Hydra 3.5's) on the unpadded images per second, as a fraction of the
@@ -81,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quick", action="store_true", help="Seqlen 256 and a quarter of the images.")
     g = p.add_argument_group("model")
     g.add_argument("--family", nargs="+", choices=FAMILIES, default=["jtp3"],
-                   help="Model families: jtp3 (naive and ours), hydra35 (Hydra 3.5: ours only). (Default: jtp3)")
+                   help="Model families: jtp3, hydra35 (Hydra 3.5). (Default: jtp3)")
     g.add_argument("--model", metavar="PATH", help=f"JTP-3 model file. (Default: bench-results/{FULL_MODEL}, "
                    "written on first use by the fixture writer; never a download)")
     g.add_argument("--hydra35-model", metavar="PATH", help=f"Hydra 3.5 model file. (Default: bench-results/"
@@ -269,8 +273,9 @@ class Run:
     executed_tflop_per_image: float = math.nan    # what this mode computes (naive: padded to seqlen)
     fraction_of_peak: float = math.nan            # useful FLOPs/s over the measured bf16 matmul peak
     executed_fraction_of_peak: float = math.nan   # executed FLOPs/s over the same peak (hardware busy-ness)
-    speedup: float = math.nan
-    first_result_ratio: float = math.nan
+    speedup: float = math.nan                     # images/s over naive's
+    first_result_ratio: float = math.nan          # seconds to the first result over naive's
+    wall_speedup: float = math.nan                # naive's wall time (start to exit) over this run's
     exit_code: int | None = None
     error: str = ""
     repeats: int = 1
@@ -354,14 +359,20 @@ def agreement(a: list, b: list) -> dict[str, float]:
 @dataclasses.dataclass(frozen=True)
 class OriginalWorker:
     """The original's loader worker: a spawned process that re-imports the original's modules (torch and timm)
-    before it decodes anything, then preprocesses exactly as ours (padding happens in `collate`)."""
+    before it decodes anything, then preprocesses exactly as ours (padding happens in `collate`): Pillow for
+    JTP-3, libvips with the file's background and resize for Hydra 3.5 (`vips` set)."""
 
     seqlen: int
+    vips: tuple[str, str] | None = None  # Hydra 3.5: (background, resize)
 
     def __call__(self, path: str) -> dict:
         import timm  # noqa: F401  (the cost is the point)
         import torch  # noqa: F401
 
+        if self.vips:
+            from hydra.images.vips import Hydra35Preprocess
+
+            return Hydra35Preprocess(self.seqlen, *self.vips)(path)
         from hydra.images.naflex import JTP3Preprocess
 
         return JTP3Preprocess(self.seqlen)(path)
@@ -388,31 +399,73 @@ def load_like_original(path: str, device: str):
     return JTP3Model(net=net, labels=meta[KEY_LABELS].split("\n"), path=path, metadata=meta)
 
 
+def load_like_upstream35(path: str, device: str):
+    """Upstream Hydra 3.5's loading: every tensor (the validation table too) into a dict, a bf16 model allocated
+    uninitialised, a strict `load_state_dict` copy, then `.to(device)`; the head unfolded."""
+    import torch
+    from safetensors.torch import load_file
+
+    from hydra.models.checkpoint import KEY_LABELS, parse_backbone_overrides, read_metadata
+    from hydra.models.hydra35_net import (
+        KEY_BACKGROUND,
+        KEY_RESIZE,
+        KEY_VALIDATION,
+        Hydra2Cfg,
+        Hydra35Model,
+        build_hydra35_net,
+        parse_labels,
+    )
+
+    state, meta = load_file(path), read_metadata(path)
+    validation = state.pop(KEY_VALIDATION).numpy()
+    net = build_hydra35_net(Hydra2Cfg.from_state(state), parse_backbone_overrides(path, meta), device="meta",
+                            dtype=torch.bfloat16).to_empty(device="cpu")
+    net.load_state_dict(state, strict=True)
+    del state
+    net = net.requires_grad_(False).eval().to(device)
+    labels, categories, implies = parse_labels(path, meta[KEY_LABELS])
+    return Hydra35Model(net=net, labels=labels, categories=categories, implies=implies, validation=validation,
+                        path=path, metadata=meta, background=meta.get(KEY_BACKGROUND, "black"),
+                        resize=meta.get(KEY_RESIZE, "lanczos"))  # fold: False
+
+
+def upstream35_workers(cores: int, images: int) -> int:
+    """Upstream Hydra 3.5's default `-w`: min(ceil(cores / 3), 16) loader processes, at most half the images."""
+    return max(1, min(-(-cores // 3), 16, images // 2))
+
+
 def naive_child(args: argparse.Namespace) -> int:
     import torch
 
     import hydra.models.head
+    import hydra.models.hydra35_net
     from hydra.bulk.loader import ImageLoader, LoadError
     from hydra.bulk.run import iter_images
     from hydra.images.naflex import collate
 
-    hydra.models.head.CHUNK_ROWS = hydra.models.head.GPU_CHUNK_ROWS = 1 << 30  # the original's head: all tags in one pass
+    # the originals' heads: all tags in one pass
+    hydra.models.head.CHUNK_ROWS = hydra.models.head.GPU_CHUNK_ROWS = 1 << 30
+    hydra.models.hydra35_net.CHUNK_ROWS = hydra.models.hydra35_net.GPU_CHUNK_ROWS = 1 << 30
     out = csv.writer(sys.stdout)
     from bench import OriginalWorker as Worker  # by module name: workers cannot import from a __main__
 
-    seqlen, paths = args.seqlen[0], list(iter_images([args.folder]))
-    model = load_like_original(args.model, args.device[0])
-    with torch.inference_mode(), ImageLoader(Worker(seqlen), os.cpu_count() or 1) as loader:
+    seqlen, paths, cores = args.seqlen[0], list(iter_images([args.folder])), os.cpu_count() or 1
+    if _is_hydra35(args.model):
+        model = load_like_upstream35(args.model, args.device[0])
+        worker, workers = Worker(seqlen, (model.background, model.resize)), upstream35_workers(cores, len(paths))
+    else:
+        model, worker, workers = load_like_original(args.model, args.device[0]), Worker(seqlen), cores
+    with torch.inference_mode(), ImageLoader(worker, workers) as loader:
         for path, sample in loader.imap(paths):
             if isinstance(sample, LoadError):
                 print(f"'{path}': {sample}", file=sys.stderr)
                 continue
             host = collate([sample], pad_to=seqlen)
             batch = model.to_device_batch(host, non_blocking=True)
-            valid = host["patch_valid"].to(model.device)  # always passed, as the original
+            valid = host["patch_valid"].to(model.device)  # always passed, as the originals
             feats = model.net.forward_features(batch["patches"], patch_coord=batch["patch_coord"],
                                                patch_valid=valid, attn_mask=valid[:, None, None, :])["patches"]
-            probs = model.head(feats, valid).float().sigmoid()[0].cpu().numpy()
+            probs = model.head_logits(feats, valid).float().sigmoid()[0].cpu().numpy()
             out.writerow([path, *(f"{p:.4f}" for p in probs.tolist())])
             sys.stdout.flush()
     return 0
@@ -428,7 +481,8 @@ def load_child(args: argparse.Namespace) -> int:
     before = _status_kib("VmRSS")
     start = time.perf_counter()
     if args.child == "load-naive":
-        model = load_like_original(args.model, args.device[0])
+        load = load_like_upstream35 if _is_hydra35(args.model) else load_like_original
+        model = load(args.model, args.device[0])
     elif _is_hydra35(args.model):
         from hydra.models.hydra35_net import load_hydra35
 
@@ -500,8 +554,8 @@ def plan(args: argparse.Namespace, devices: list[str]) -> list[Run]:
         for device in devices:
             for folder in args.folders:
                 for seqlen in args.seqlen:
-                    if "naive" in args.modes and family == "jtp3":  # the original's way exists for JTP-3 only
-                        runs.append(Run(device, folder, seqlen, "naive", 1, None, "bf16"))
+                    if "naive" in args.modes:
+                        runs.append(Run(device, folder, seqlen, "naive", 1, None, "bf16", family))
                     if "ours" in args.modes:
                         runs += [Run(device, folder, seqlen, "ours", b, w, args.dtype, family, c)
                                  for b in args.batch_size for w in (args.workers or [None])
@@ -532,10 +586,11 @@ def machine_info(devices: list[str]) -> dict:
 
 def print_table(runs: list[Run]) -> None:
     head = ("family", "device", "folder", "seqlen", "mode", "batch", "workers", "img/s", "x naive", "first s",
-            "x naive", "RSS GB", "useful", "exec")
+            "x naive", "wall s", "x naive", "RSS GB", "useful", "exec")
     rows = [(r.family, r.device, r.folder, r.seqlen, r.mode + (" -c" if r.compile else ""), r.batch,
              "-" if r.workers is None else r.workers,
              f"{r.images_per_s:.3f}", _ratio(r.speedup), f"{r.first_result_s:.1f}", _ratio(r.first_result_ratio),
+             f"{r.total_s:.1f}", _ratio(r.wall_speedup),
              "-" if r.peak_rss_gb is None else f"{r.peak_rss_gb:.2f}", f"{100 * r.fraction_of_peak:.0f}%",
              f"{100 * r.executed_fraction_of_peak:.0f}%")
             for r in runs]
@@ -559,7 +614,7 @@ def print_compile(runs: list[Run]) -> None:
 
 
 def _ratio(x: float) -> str:
-    return f"{x:.2f}" if math.isfinite(x) else "-"  # "-": no naive run to compare with (Hydra 3.5)
+    return f"{x:.2f}" if math.isfinite(x) else "-"  # "-": no naive run to compare with
 
 
 def print_stages(stages: list[dict]) -> None:
@@ -589,6 +644,7 @@ def compare(runs: list[Run], outputs: dict[int, list]) -> list[dict]:
             continue
         r.speedup = r.images_per_s / runs[base].images_per_s
         r.first_result_ratio = r.first_result_s / runs[base].first_result_s
+        r.wall_speedup = runs[base].total_s / r.total_s
         if r.mode == "ours":
             checks.append({"device": r.device, "folder": r.folder, "seqlen": r.seqlen, "batch": r.batch,
                            **agreement(outputs[base], outputs[i])})
@@ -596,11 +652,11 @@ def compare(runs: list[Run], outputs: dict[int, list]) -> list[dict]:
 
 
 def load_probes(args: argparse.Namespace, devices: list[str], models: dict[str, str], out: Path) -> dict:
-    """{"cpu/naive": ..., "cpu/ours": ...} for JTP-3, {"hydra35/cpu/ours": ...} for Hydra 3.5 (no naive)."""
+    """{"cpu/naive": ..., "cpu/ours": ...} for JTP-3, {"hydra35/cpu/naive": ..., ...} for Hydra 3.5."""
     probes = {}
     for family, model in models.items():
         for d in devices:
-            for kind in ("load-naive", "load-ours") if family == "jtp3" else ("load-ours",):
+            for kind in ("load-naive", "load-ours"):
                 cmd = [sys.executable, str(ROOT / "bench.py"), "--child", kind, "--model", model, "--device", d,
                        "--dtype", args.dtype]
                 done = subprocess.run(cmd, capture_output=True, text=True, cwd=out, timeout=args.timeout)
@@ -652,6 +708,7 @@ def best_of(attempts: list[Run]) -> Run:
     ok = [a for a in attempts if math.isfinite(a.images_per_s)] or attempts
     best = dataclasses.replace(max(ok, key=lambda a: a.images_per_s if math.isfinite(a.images_per_s) else -1))
     best.first_result_s = min(a.first_result_s for a in ok)
+    best.total_s = min(a.total_s for a in ok)
     rss = [a.peak_rss_gb for a in attempts if a.peak_rss_gb is not None]
     best.peak_rss_gb = max(rss) if rss else None
     best.error = "; ".join(a.error for a in attempts if a.error)

@@ -15,7 +15,8 @@ import pytest
 import bench
 
 RUN_FIELDS = {"device", "folder", "seqlen", "mode", "batch", "images", "images_per_s", "first_result_s", "total_s",
-              "peak_rss_gb", "useful_tflop_per_image", "fraction_of_peak", "speedup", "first_result_ratio", "error"}
+              "peak_rss_gb", "useful_tflop_per_image", "fraction_of_peak", "speedup", "first_result_ratio", "wall_speedup",
+              "error"}
 
 
 def _args(*argv: str):
@@ -67,8 +68,29 @@ def test_smoke_run_table_json_and_agreement(tmp_path, capsys):
     assert check["mean_abs_dp"] < 0.01 and check["max_abs_dp"] < 0.1  # the bf16 bar of tests/test_model.py
 
 
-def test_load_probe_reports_memory(tmp_path, capsys):
-    model = bench.prepare_model(_args("--tiny"), tmp_path)
+def test_hydra35_naive_re_creation_runs_and_agrees_with_ours(tmp_path, capsys):
+    code = bench.main(_args("--tiny", "--family", "hydra35", "--images", "2", "--seqlen", "64", "--batch-size", "1",
+                            "--folders", "mixed", "--no-load-probe", "--no-stage-probe", "--out", str(tmp_path)))
+    out = capsys.readouterr().out
+    assert code == 0, out
+    runs = json.loads(next(tmp_path.glob("bench-*.json")).read_text())["runs"]
+    assert [(r["family"], r["mode"]) for r in runs] == [("hydra35", "naive"), ("hydra35", "ours")]
+    assert all(r["images"] == 2 and not r["error"] for r in runs)
+    assert runs[0]["wall_speedup"] == 1.0 and runs[1]["wall_speedup"] > 0
+    (check,) = json.loads(next(tmp_path.glob("bench-*.json")).read_text())["agreement"]
+    # padded to seqlen with the mask, unfolded and unchunked against ours: bf16 rounding only
+    assert check["images"] == 2 and check["mean_abs_dp"] < 0.01 and check["max_abs_dp"] < 0.1
+
+
+def test_upstream35_default_workers():
+    # min(ceil(cores / 3), 16), at most half the images, at least one
+    assert [bench.upstream35_workers(c, 100) for c in (1, 2, 3, 4, 48, 64)] == [1, 1, 1, 2, 16, 16]
+    assert bench.upstream35_workers(8, 2) == 1 and bench.upstream35_workers(8, 0) == 1
+
+
+@pytest.mark.parametrize("family", ["jtp3", "hydra35"])
+def test_load_probe_reports_memory(tmp_path, capsys, family):
+    model = bench.prepare_model(_args("--tiny"), tmp_path, family)
     for kind in ("load-ours", "load-naive"):
         assert bench.main(_args("--child", kind, "--model", model, "--device", "cpu")) == 0
         probe = json.loads(capsys.readouterr().out)
