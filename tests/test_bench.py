@@ -15,8 +15,8 @@ import pytest
 import bench
 
 RUN_FIELDS = {"device", "folder", "seqlen", "mode", "batch", "images", "images_per_s", "first_result_s", "total_s",
-              "peak_rss_gb", "useful_tflop_per_image", "fraction_of_peak", "speedup", "first_result_ratio", "wall_speedup",
-              "error"}
+              "peak_rss_gb", "useful_tflop_per_image", "fraction_of_peak", "speedup", "first_result_ratio",
+              "wall_speedup", "error"}
 
 
 def _args(*argv: str):

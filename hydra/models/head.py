@@ -156,9 +156,9 @@ class HydraPool(nn.Module):
         n = self.n_tags if tags is None else len(tags)
         if n == 0:
             return x.new_zeros((b, 0))
-        kv = self.kv(x).view(b, s, 2, h, e).permute(2, 0, 3, 1, 4)  # (2, B, H, S, E)
-        k = F.rms_norm(kv[0], (e,), eps=RMS_EPS)  # (B, H, S, E)
-        v = kv[1]  # (B, H, S, E)
+        kv = self.kv(x).view(b, s, 2, h, e)  # (B, S, 2, H, E)
+        k = F.rms_norm(kv[:, :, 0], (e,), eps=RMS_EPS).transpose(1, 2)  # (B, H, S, E); normed before the transpose
+        v = kv[:, :, 1].transpose(1, 2)  # (B, H, S, E)
         # Key-padding mask only: padded keys are excluded, and every query row is valid (no NaNs).
         mask = None if patch_valid is None else patch_valid[:, None, None, :]  # (B, 1, 1, S)
         g = self.folded_weights()  # (T, 2, F) or None
