@@ -8,6 +8,7 @@ Examples:
     python bench.py --family jtp3 hydra35 --quick  # JTP-3 and Hydra 3.5 side by side
     python bench.py --family hydra35 --tiny --images 2 --seqlen 64 --no-load-probe   # Hydra 3.5 smoke run
     python bench.py --compile --modes ours --quick --batch-size 1   # ours with and without -c (torch.compile)
+    python bench.py --no-fold --seqlen 1024 --batch-size 1          # ours with and without the folded heads
 
 Nothing is downloaded. The model is a full-size random-weight file in the exact real format, written once by
 `hydra.testing.jtp3.write_model` into bench-results/ (1 GB); timing does not depend on the weights' values.
@@ -35,6 +36,8 @@ images/s counts the images after the first result (steady state); "first" is pro
 "wall" is process start to exit (start-up, every image, shut-down), the user's wait for the whole folder.
 `--compile` adds an "ours -c" row (`inference.py -c`, torch.compile) beside every "ours" row: its "first" minus the
 eager row's is the compile time, and its images/s the compiled steady state (both printed after the table).
+`--no-fold` adds an "ours nofold" row (`HYDRA_NO_FOLD=1`: the heads as stored) beside every "ours" row, so the
+fold's gain comes from one run.
 "useful" is the model's own FLOPs (JTP-3's or Hydra 3.5's) on the unpadded images per second, as a fraction of the
 bf16 matmul peak measured here (model FLOPs utilisation); "exec" counts what the mode really computes (naive pads every
 image to `seqlen`) over the same peak. `--repeat N` runs everything N times round-robin and keeps each
@@ -99,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Loader processes for ours. (Default: inference.py's default, the number of cores)")
     g.add_argument("--compile", action="store_true",
                    help="Also run every 'ours' row with inference.py -c (torch.compile): compile time, steady img/s.")
+    g.add_argument("--no-fold", action="store_true",
+                   help="Also run every 'ours' row with HYDRA_NO_FOLD=1 (the heads unfolded), for the fold's gain.")
     g.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="Dtype for ours. "
                    "(Default: auto; naive is always bf16, as the original)")
     g.add_argument("--no-load-probe", action="store_true", help="Skip the model-loading memory probes.")
@@ -264,6 +269,7 @@ class Run:
     dtype: str
     family: str = "jtp3"
     compile: bool = False                         # ours with -c (torch.compile)
+    fold: bool = True                             # ours with the folded heads (False: HYDRA_NO_FOLD=1)
     images: int = 0
     images_per_s: float = math.nan
     first_result_s: float = math.nan
@@ -291,9 +297,11 @@ def run_command(run: Run, model: str, folder: Path, out: Path) -> list[str]:
             + [str(folder)])
 
 
-def execute(cmd: list[str], timeout: float, cwd: Path) -> tuple[list[tuple[float, str, list[float]]], dict]:
-    """Run `cmd`; return its CSV rows with arrival times (s since start), and exit / RSS / stderr facts."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+def execute(cmd: list[str], timeout: float, cwd: Path,
+            env: dict[str, str] | None = None) -> tuple[list[tuple[float, str, list[float]]], dict]:
+    """Run `cmd` (with `env` added to the environment); return its CSV rows with arrival times (s since start),
+    and exit / RSS / stderr facts."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env)
     tail: list[str] = []
@@ -560,6 +568,9 @@ def plan(args: argparse.Namespace, devices: list[str]) -> list[Run]:
                         runs += [Run(device, folder, seqlen, "ours", b, w, args.dtype, family, c)
                                  for b in args.batch_size for w in (args.workers or [None])
                                  for c in ((False, True) if args.compile else (False,))]
+                        if args.no_fold:
+                            runs += [Run(device, folder, seqlen, "ours", b, w, args.dtype, family, fold=False)
+                                     for b in args.batch_size for w in (args.workers or [None])]
     return runs
 
 
@@ -587,7 +598,8 @@ def machine_info(devices: list[str]) -> dict:
 def print_table(runs: list[Run]) -> None:
     head = ("family", "device", "folder", "seqlen", "mode", "batch", "workers", "img/s", "x naive", "first s",
             "x naive", "wall s", "x naive", "RSS GB", "useful", "exec")
-    rows = [(r.family, r.device, r.folder, r.seqlen, r.mode + (" -c" if r.compile else ""), r.batch,
+    rows = [(r.family, r.device, r.folder, r.seqlen,
+             r.mode + (" -c" if r.compile else "") + ("" if r.fold else " nofold"), r.batch,
              "-" if r.workers is None else r.workers,
              f"{r.images_per_s:.3f}", _ratio(r.speedup), f"{r.first_result_s:.1f}", _ratio(r.first_result_ratio),
              f"{r.total_s:.1f}", _ratio(r.wall_speedup),
@@ -599,18 +611,30 @@ def print_table(runs: list[Run]) -> None:
         print("  ".join(str(x).rjust(w) for x, w in zip(line, widths)))
 
 
+def _twin(runs: list[Run], r: Run) -> Run | None:
+    """The plain "ours" row (eager, folded) of the same family, device, folder, seqlen, batch and workers."""
+    return next((e for e in runs if e.mode == r.mode and not e.compile and e.fold and e is not r
+                 and (e.family, e.device, e.folder, e.seqlen, e.batch, e.workers)
+                 == (r.family, r.device, r.folder, r.seqlen, r.batch, r.workers)), None)
+
+
 def print_compile(runs: list[Run]) -> None:
     """Each "ours -c" row against its eager twin: the extra seconds to the first result (compiling) and the
-    steady-state speed ratio."""
+    steady-state speed ratio; each "ours nofold" row against its folded twin."""
     for r in runs:
-        eager = next((e for e in runs if not e.compile and e.mode == r.mode and (e.family, e.device, e.folder,
-                      e.seqlen, e.batch, e.workers) == (r.family, r.device, r.folder, r.seqlen, r.batch, r.workers)),
-                     None)
-        if r.compile and eager is not None:
+        base = _twin(runs, r)
+        if base is None:
+            continue
+        if r.compile:
             print(f"-c {r.family} {r.device} {r.folder} seqlen {r.seqlen} batch {r.batch}: compile "
-                  f"+{r.first_result_s - eager.first_result_s:.1f} s to the first result, steady "
-                  f"{r.images_per_s:.3f} img/s against {eager.images_per_s:.3f} "
-                  f"({_ratio(r.images_per_s / eager.images_per_s)}x)")
+                  f"+{r.first_result_s - base.first_result_s:.1f} s to the first result, steady "
+                  f"{r.images_per_s:.3f} img/s against {base.images_per_s:.3f} "
+                  f"({_ratio(r.images_per_s / base.images_per_s)}x)")
+        elif not r.fold:
+            print(f"fold {r.family} {r.device} {r.folder} seqlen {r.seqlen} batch {r.batch}: "
+                  f"{base.images_per_s:.3f} img/s folded against {r.images_per_s:.3f} unfolded "
+                  f"({_ratio(base.images_per_s / r.images_per_s)}x), wall {base.total_s:.1f} s against "
+                  f"{r.total_s:.1f} s")
 
 
 def _ratio(x: float) -> str:
@@ -646,8 +670,15 @@ def compare(runs: list[Run], outputs: dict[int, list]) -> list[dict]:
         r.first_result_ratio = r.first_result_s / runs[base].first_result_s
         r.wall_speedup = runs[base].total_s / r.total_s
         if r.mode == "ours":
-            checks.append({"device": r.device, "folder": r.folder, "seqlen": r.seqlen, "batch": r.batch,
+            checks.append({"family": r.family, "device": r.device, "folder": r.folder, "seqlen": r.seqlen,
+                           "batch": r.batch, "against": "naive", "compile": r.compile, "fold": r.fold,
                            **agreement(outputs[base], outputs[i])})
+    for i, r in enumerate(runs):  # the fold's own effect: unfolded against folded, same batch
+        twin = _twin(runs, r)
+        if not r.fold and twin is not None:
+            checks.append({"family": r.family, "device": r.device, "folder": r.folder, "seqlen": r.seqlen,
+                           "batch": r.batch, "against": "folded", "compile": False, "fold": False,
+                           **agreement(outputs[runs.index(twin)], outputs[i])})
     return checks
 
 
@@ -696,7 +727,8 @@ def run_all(args: argparse.Namespace, runs: list[Run], models: dict[str, str], f
             print(f"[{rep * len(runs) + i + 1}/{args.repeat * len(runs)}] {run.family} {run.mode} {run.device} "
                   f"{run.folder} seqlen {run.seqlen} batch {run.batch}", file=sys.stderr, flush=True)
             attempt = dataclasses.replace(run)
-            rows, facts = execute(run_command(run, models[run.family], folders[run.folder], out), args.timeout, out)
+            rows, facts = execute(run_command(run, models[run.family], folders[run.folder], out), args.timeout, out,
+                                  None if run.fold else {"HYDRA_NO_FOLD": "1"})
             measure(attempt, rows, facts, tokens, dims[run.family], peaks[run.device]["bf16"])
             tries.setdefault(i, []).append(attempt)
             outputs.setdefault(i, rows)
@@ -745,6 +777,10 @@ def main(args: argparse.Namespace) -> int:
     path.write_text(json.dumps(report, indent=1, default=str))
     print_table(runs)
     print_compile(runs)
+    for c in report["agreement"]:
+        print(f"|dp| {c['family']} {c['device']} {c['folder']} seqlen {c['seqlen']} batch {c['batch']}"
+              f"{' -c' if c['compile'] else ''}{'' if c['fold'] else ' nofold'} against {c['against']}: "
+              f"mean {c['mean_abs_dp']:.5f}, max {c['max_abs_dp']:.4f} over {c['images']} images")
     print_stages(report["stages"])
     print(f"\n{report['machine']['cpu']}, {report['machine']['date']}; bf16 matmul peak "
           + ", ".join(f"{d} {p['bf16']:.0f} GFLOP/s" for d, p in peaks.items()) + f"\nJSON: {path}")

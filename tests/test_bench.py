@@ -82,6 +82,21 @@ def test_hydra35_naive_re_creation_runs_and_agrees_with_ours(tmp_path, capsys):
     assert check["images"] == 2 and check["mean_abs_dp"] < 0.01 and check["max_abs_dp"] < 0.1
 
 
+def test_no_fold_adds_an_unfolded_twin_of_every_ours_row(tmp_path, monkeypatch):
+    runs = bench.plan(_args("--no-fold", "--seqlen", "256", "--batch-size", "1", "4", "--folders", "mixed"), ["cpu"])
+    assert sorted((r.mode, r.batch, r.fold) for r in runs) == [("naive", 1, True), ("ours", 1, False),
+                                                               ("ours", 1, True), ("ours", 4, False), ("ours", 4, True)]
+    seen = []
+    monkeypatch.setattr(bench, "execute", lambda cmd, timeout, cwd, env=None: seen.append(env) or ([], {
+        "total_s": 1.0, "exit_code": 0, "peak_rss_gb": None, "stderr": ""}))
+    monkeypatch.setattr(bench, "folder_tokens", lambda folder, seqlen: {})
+    report = {"dims": {"jtp3": {}}, "folders": {}}
+    args = _args("--no-fold", "--seqlen", "256", "--batch-size", "1", "--modes", "ours", "--folders", "mixed")
+    bench.run_all(args, bench.plan(args, ["cpu"]), {"jtp3": "m"}, {"mixed": tmp_path}, {"cpu": {"bf16": 1.0}},
+                  tmp_path, report)
+    assert seen == [None, {"HYDRA_NO_FOLD": "1"}]  # the twin runs the heads as stored
+
+
 def test_upstream35_default_workers():
     # min(ceil(cores / 3), 16), at most half the images, at least one
     assert [bench.upstream35_workers(c, 100) for c in (1, 2, 3, 4, 48, 64)] == [1, 1, 1, 2, 16, 16]
