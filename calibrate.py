@@ -219,6 +219,22 @@ def dataset_curves(args: argparse.Namespace) -> tuple[dict[str, calibration.Curv
     return curves, provenance
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse options that cannot combine and note the ones this run ignores, before any data or model is read.
+
+    Raises:
+        ValueError: one line naming the options.
+    """
+    check_dataset_flags(args)
+    given = cli.given_options(build_parser(), args)
+    if args.metric and "@" in args.metric:  # upstream's METRIC@P: the precision floor -p also sets
+        given["metric_floor"] = f"-m {args.metric}"
+    cli.refuse_clashes(given, {("metric_floor", "min_precision"): "both set the minimum precision "
+                                                                    "(METRIC@P is -p P); give one"})
+    if note := cli.unused_options(given, {} if args.plot else {"plot_dir": "without --plot"}):
+        print(f"Note: {note}.", file=sys.stderr)
+
+
 def check_dataset_flags(args: argparse.Namespace) -> None:
     if args.from_dataset is None:
         # unset flags are None, or False for switches (`in (None, False)` would also match -w 0)
@@ -273,7 +289,7 @@ def main(args: argparse.Namespace) -> int:
         calibration.get_metric(calibration.split_floor(args.metric or "cti")[0])  # a typo fails before any reading
         if args.range is not None and not args.range[0] <= args.range[1]:
             raise ValueError(f"-R/--range: MIN {args.range[0]} is greater than MAX {args.range[1]}")
-        check_dataset_flags(args)
+        check_options(args)
         family, model_path = calibration_family(args)
         provenance = None
         if args.from_dataset is not None:

@@ -63,7 +63,12 @@ call :ask RECURSE "Include subfolders? (y/n) [n]: " n
 call :valid RECURSE yesno || goto :eof
 set "RFLAG="
 if "%RECURSE%"=="y" set "RFLAG=-r"
-"%PY%" inference.py -t "%THRESHOLD%" %RFLAG% "%TARGET%"
+call :ask PREFIX "Tags to write first in every caption, e.g. a trigger word (ENTER for none): " ""
+rem quotes would end -p's argument early in easy.bat; both twins write the tags without them
+if defined PREFIX set "PREFIX=%PREFIX:"=%"
+set "PFLAG="
+if defined PREFIX set PFLAG=-p "%PREFIX%"
+"%PY%" inference.py -t "%THRESHOLD%" %RFLAG% %PFLAG% "%TARGET%"
 goto :eof
 
 :app

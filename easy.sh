@@ -52,7 +52,14 @@ autotag() {
     if [ "$RECURSE" = "y" ]; then
         RFLAG=(-r)
     fi
-    "$PY" inference.py -t "$THRESHOLD" "${RFLAG[@]}" "$TARGET"
+    ask PREFIX "Tags to write first in every caption, e.g. a trigger word (ENTER for none): " "" || return
+    # quotes would end -p's argument early in easy.bat; both twins write the tags without them
+    PREFIX=${PREFIX//\"/}
+    PFLAG=()
+    if [ -n "$PREFIX" ]; then
+        PFLAG=(-p "$PREFIX")
+    fi
+    "$PY" inference.py -t "$THRESHOLD" "${RFLAG[@]}" "${PFLAG[@]}" "$TARGET"
 }
 
 app() {

@@ -248,12 +248,10 @@ def preflight(args: argparse.Namespace) -> None:
     """
     cli.check_device(args.device)  # first: '-dash.png' is read as -d ash.png
     given = cli.given_options(build_parser(), args)
-    for a, b in (("output", "format"), ("topk", "threshold"), ("topk", "metric")):
-        if a in given and b in given:
-            raise ValueError(f"{given[a]} and {given[b]} cannot be combined: "
-                             + {"format": "-o writes a CSV of probabilities, --format prints tags; choose one",
-                                "threshold": "--topk keeps the K most probable tags whatever the threshold",
-                                "metric": "--topk keeps the K most probable tags whatever the thresholds"}[b])
+    cli.refuse_clashes(given, {
+        ("output", "format"): "-o writes a CSV of probabilities, --format prints tags; choose one",
+        ("topk", "threshold"): "--topk keeps the K most probable tags whatever the threshold",
+        ("topk", "metric"): "--topk keeps the K most probable tags whatever the thresholds"})
     unused = {}
     if not args.paths:
         unused |= dict.fromkeys((*BULK_FLAGS, *CAPTION_FLAGS, *SPELLING_FLAGS),

@@ -263,6 +263,21 @@ def given_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     return given
 
 
+def refuse_clashes(given: dict[str, str], clashes: dict[tuple[str, str], str]) -> None:
+    """Refuse the first pair of given options that cannot combine.
+
+    Args:
+        given: {dest: flag} of the options on the command line, as `given_options` returns them.
+        clashes: {(dest, dest): why the two cannot combine}.
+
+    Raises:
+        ValueError: one line naming both options and why.
+    """
+    for (a, b), why in clashes.items():
+        if a in given and b in given:
+            raise ValueError(f"{given[a]} and {given[b]} cannot be combined: {why}")
+
+
 def unused_options(given: dict[str, str], unused: dict[str, str]) -> str | None:
     """One line naming the given options that `unused` ({dest: why}) says do not apply, grouped by reason;
     None when there are none."""

@@ -7,7 +7,10 @@ file raises a DownloadError instead of fetching.
 from __future__ import annotations
 
 import os
+import select
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -92,3 +95,57 @@ class FullAtClose:
 
         self.f.close()
         raise OSError(errno.ENOSPC, "No space left on device")
+
+
+class Terminal:
+    """A program run on a pseudo-terminal, as a user runs it: what it prints (with the terminal's echo of what
+    is typed) is read back, and lines are typed only after the prompt they answer has appeared."""
+
+    def __init__(self, argv: list[str], cwd: Path, env: dict[str, str]):
+        master, slave = os.openpty()
+        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
+                                     start_new_session=True)
+        os.close(slave)
+        self.fd, self.seen, self.pos = master, "", 0
+
+    def _read(self, timeout: float) -> bool:
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        try:
+            data = os.read(self.fd, 4096) if ready else b""
+        except OSError:  # EIO: the script has ended
+            data = b""
+        self.seen += data.decode(errors="replace").replace("\r\n", "\n")
+        return bool(data)
+
+    def expect(self, text: str, timeout: float = 30) -> str:
+        """Wait for `text` after what was already expected; returns the output up to and including it."""
+        deadline = time.monotonic() + timeout
+        while text not in self.seen[self.pos:]:
+            if not self._read(max(0.0, deadline - time.monotonic())) and time.monotonic() >= deadline:
+                raise AssertionError(f"waited for {text!r}; the terminal shows:\n{self.seen}")
+        end = self.seen.index(text, self.pos) + len(text)
+        out, self.pos = self.seen[self.pos:end], end
+        return out
+
+    def type(self, text: str, end: str = "\n") -> None:
+        """Type `text` and `end` (keys such as TAB "\\t" or the up arrow "\\x1b[A" included)."""
+        os.write(self.fd, (text + end).encode())
+
+    def finish(self, timeout: float = 30) -> int:
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            self._read(0.1)
+        while self._read(0.1):
+            pass
+        os.close(self.fd)
+        self.fd = -1
+        return self.proc.wait(timeout=5)
+
+    def kill(self) -> None:
+        """End the program if a failed test left it running."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

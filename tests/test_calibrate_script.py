@@ -105,6 +105,19 @@ def test_flags(val, capsys, argv, expect):
     assert out == expect
 
 
+def test_a_metric_floor_alone_or_p_alone_is_accepted(val, capsys):
+    floor = run(capsys, "--data", val, "-o", "-", "-m", "cti@0.7")
+    p = run(capsys, "--data", val, "-o", "-", "-m", "cti", "-p", "0.7")
+    assert floor[0] == p[0] == 0 and floor[1].splitlines()[1:] == p[1].splitlines()[1:]
+    assert "a,0.7999" in p[1]  # a's best threshold 0.5 has precision 8/12 < 0.7: 0.8 is chosen
+
+
+def test_plot_dir_without_plot_is_noted(val, capsys, tmp_path):
+    code, out, err = run(capsys, "--data", val, "-o", "-", "--plot-dir", "plots")
+    assert code == 0 and out.startswith("tag,threshold,cti")
+    assert "Note: --plot-dir does not apply without --plot." in err and not (tmp_path / "plots").exists()
+
+
 def test_excluding_an_unknown_tag_is_noted(val, capsys):
     code, _, err = run(capsys, "--data", val, "-o", "-", "-x", "pussy")
     assert code == 0 and "'pussy' is not in the validation data" in err
@@ -120,6 +133,9 @@ def test_excluding_an_unknown_tag_is_noted(val, capsys):
     (["--data", "bad.csv"], "bad.csv:3: tp 'x' is not a number"),
     (["-o", "no/such/dir/out.csv"], "No such file or directory"),
     (["-M", "m.safetensors", "-w", "0", "--refresh"], "--refresh, -w: only meaningful with --from-dataset DIR"),
+    # checked before the model is looked for (m.safetensors does not exist)
+    (["-M", "m.safetensors", "-m", "f1@0.2", "-p", "0.3"],
+     "-m f1@0.2 and --min-precision cannot be combined: both set the minimum precision (METRIC@P is -p P)"),
 ])
 def test_user_errors_are_one_line_and_exit_2(val, capsys, tmp_path, argv, message):
     (tmp_path / "bad.csv").write_text("tag,threshold,tp,fp,tn,fn\na,0.5,1,1,1,1\na,0.6,x,1,1,1\n")

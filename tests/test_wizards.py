@@ -10,14 +10,13 @@ Run: venv/bin/python -m pytest tests/test_wizards.py -q
 
 import os
 import re
-import select
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import Terminal
 
 REPO = Path(__file__).resolve().parents[1]
 SEP = "\x1f"
@@ -73,7 +72,7 @@ def calls(log: Path) -> list[list[str]]:
 def test_autotag_with_defaults(setup):
     run, _, work, _ = setup
     (work / "images").mkdir()
-    proc, got = run("easy.sh", "autotag\n\nimages\n\nexit\n")
+    proc, got = run("easy.sh", "autotag\n\nimages\n\n\nexit\n")
     assert proc.returncode == 0, proc.stderr
     assert got == [["python", "inference.py", "-t", "0.2", f"{work}/images"]]
 
@@ -81,7 +80,7 @@ def test_autotag_with_defaults(setup):
 def test_inference_alias_with_custom_threshold_and_recursion(setup):
     run, _, _, tmp = setup
     (tmp / "my pics").mkdir()
-    proc, got = run("easy.sh", f"inference\n0.35\n{tmp}/my pics\ny\nexit\n")
+    proc, got = run("easy.sh", f"inference\n0.35\n{tmp}/my pics\ny\n\nexit\n")
     assert got == [["python", "inference.py", "-t", "0.35", "-r", f"{tmp}/my pics"]]
 
 
@@ -89,10 +88,22 @@ def test_autotag_uses_calibration_csv_when_present(setup):
     run, repo, work, _ = setup
     (repo / "calibration.csv").write_text("tag,threshold,cti\r\n")
     (work / "my pics").mkdir()
-    # no threshold question: the answers are path (quoted, as drag and drop gives it) and recursion
-    proc, got = run("easy.sh", "autotag\n'my pics'\nn\nexit\n")
+    # no threshold question: the answers are path (quoted, as drag and drop gives it), recursion and first tags
+    proc, got = run("easy.sh", "autotag\n'my pics'\nn\n\nexit\n")
     assert got == [["python", "inference.py", "-t", "calibration.csv", f"{work}/my pics"]]
     assert "Using calibration.csv" in proc.stdout
+
+
+@pytest.mark.parametrize("typed, prefix", [
+    ("my_style", "my_style"),
+    ("my_style, anthro", "my_style, anthro"),
+    ('"my style" & 100%', "my style & 100%"),  # quotes dropped (the .bat cannot pass them), the rest as typed
+])
+def test_autotag_puts_the_tags_typed_first(setup, typed, prefix):
+    run, _, work, _ = setup
+    (work / "pics").mkdir()
+    proc, got = run("easy.sh", f"autotag\n\npics\n\n{typed}\nexit\n")
+    assert got == [["python", "inference.py", "-t", "0.2", "-p", prefix, f"{work}/pics"]]
 
 
 def test_autotag_without_a_path_runs_nothing(setup):
@@ -143,7 +154,7 @@ def test_missing_venv_runs_install_first(setup):
         f'echo installed >> "{tmp}/install.log"\n'
         f'mkdir -p venv/bin && cp "{tmp}/bin/python" venv/bin/python\n')
     (work / "x").mkdir()
-    proc, got = run("easy.sh", "autotag\n\nx\n\nexit\n", HYDRA_PYTHON="")
+    proc, got = run("easy.sh", "autotag\n\nx\n\n\nexit\n", HYDRA_PYTHON="")
     assert (tmp / "install.log").read_text() == "installed\n"
     assert got == [["python", "inference.py", "-t", "0.2", f"{work}/x"]]
     # second run: the venv exists, no install
@@ -154,55 +165,12 @@ def test_missing_venv_runs_install_first(setup):
 def test_failed_install_stops_easy_mode(setup):
     run, repo, *_ = setup
     (repo / "install.sh").write_text("exit 1\n")
-    proc, got = run("easy.sh", "autotag\n\nx\n\nexit\n", HYDRA_PYTHON="")
+    proc, got = run("easy.sh", "autotag\n\nx\n\n\nexit\n", HYDRA_PYTHON="")
     assert proc.returncode == 1 and got == [] and "Installation failed" in proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------------
 # easy.sh at a terminal: drag and drop, re-asking, case
-
-
-class Terminal:
-    """A script run on a pseudo-terminal, as a user runs it: what it prints (with the terminal's echo of what
-    is typed) is read back, and lines are typed only after the prompt they answer has appeared."""
-
-    def __init__(self, argv: list[str], cwd: Path, env: dict[str, str]):
-        master, slave = os.openpty()
-        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
-                                     start_new_session=True)
-        os.close(slave)
-        self.fd, self.seen, self.pos = master, "", 0
-
-    def _read(self, timeout: float) -> bool:
-        ready, _, _ = select.select([self.fd], [], [], timeout)
-        try:
-            data = os.read(self.fd, 4096) if ready else b""
-        except OSError:  # EIO: the script has ended
-            data = b""
-        self.seen += data.decode(errors="replace").replace("\r\n", "\n")
-        return bool(data)
-
-    def expect(self, text: str, timeout: float = 30) -> str:
-        """Wait for `text` after what was already expected; returns the output up to and including it."""
-        deadline = time.monotonic() + timeout
-        while text not in self.seen[self.pos:]:
-            if not self._read(max(0.0, deadline - time.monotonic())) and time.monotonic() >= deadline:
-                raise AssertionError(f"waited for {text!r}; the terminal shows:\n{self.seen}")
-        end = self.seen.index(text, self.pos) + len(text)
-        out, self.pos = self.seen[self.pos:end], end
-        return out
-
-    def type(self, line: str) -> None:
-        os.write(self.fd, line.encode() + b"\n")
-
-    def finish(self, timeout: float = 30) -> int:
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None and time.monotonic() < deadline:
-            self._read(0.1)
-        while self._read(0.1):
-            pass
-        os.close(self.fd)
-        return self.proc.wait(timeout=5)
 
 
 @pytest.fixture
@@ -214,7 +182,8 @@ def terminal(setup):
 
 
 AUTOTAG_PROMPTS = ["What would you like to do? ", "Threshold, -1.0 to 1.0, lower gives more tags [0.2]: ",
-                   "Image or folder to tag (drag and drop it here): ", "Include subfolders? (y/n) [n]: "]
+                   "Image or folder to tag (drag and drop it here): ", "Include subfolders? (y/n) [n]: ",
+                   "Tags to write first in every caption, e.g. a trigger word (ENTER for none): "]
 TRICKY = "it's my (pics) 100%"  # a quote, spaces, parentheses and a percent sign
 
 
@@ -238,7 +207,7 @@ def test_dropped_paths_in_every_terminal_form(terminal, form):
     folder.mkdir()
     answer = dropped_forms(folder)[form]
     term = start("easy.sh")
-    for prompt, typed in zip(AUTOTAG_PROMPTS, ["autotag", "", answer, "y"]):
+    for prompt, typed in zip(AUTOTAG_PROMPTS, ["autotag", "", answer, "y", ""]):
         term.expect(prompt)
         term.type(typed)
     term.expect(AUTOTAG_PROMPTS[0])
@@ -258,6 +227,8 @@ def test_a_missing_path_is_asked_again(terminal):
     assert f"Not found: {tmp}/work/no such folder." in shown
     term.type("pics")
     term.expect(AUTOTAG_PROMPTS[3])
+    term.type("")
+    term.expect(AUTOTAG_PROMPTS[4])
     term.type("")
     term.expect(AUTOTAG_PROMPTS[0])
     term.type("exit")
@@ -285,6 +256,8 @@ def test_numbers_and_answers_are_checked_where_typed(terminal):
     term.type("maybe")
     assert "Please answer y or n (not 'maybe')." in term.expect(AUTOTAG_PROMPTS[3])
     term.type("YES")
+    term.expect(AUTOTAG_PROMPTS[4])
+    term.type("")
     term.expect(AUTOTAG_PROMPTS[0])
     term.type("EXIT")
     assert term.finish() == 0
@@ -295,7 +268,7 @@ def test_numbers_and_answers_are_checked_where_typed(terminal):
 def test_no_in_any_spelling_means_no(setup, answer):
     run, _, work, _ = setup
     (work / "pics").mkdir()
-    proc, got = run("easy.sh", f"autotag\n\npics\n{answer}\nexit\n")
+    proc, got = run("easy.sh", f"autotag\n\npics\n{answer}\n\nexit\n")
     assert got == [["python", "inference.py", "-t", "0.2", f"{work}/pics"]]
 
 
@@ -580,3 +553,11 @@ def test_bat_files_use_crlf_and_pass_arguments_through():
     assert 'inference.py" %*' in (REPO / "inference.bat").read_text()
     assert "python app.py" in (REPO / "app.bat").read_text()
     assert "--extra-index-url https://download.pytorch.org/whl/cu128" in (REPO / "install.bat").read_text()
+
+
+def test_easy_twins_pass_the_first_tags_as_p():
+    sh = (REPO / "easy.sh").read_text(encoding="utf-8")
+    bat = (REPO / "easy.bat").read_text(encoding="utf-8")
+    assert 'PFLAG=(-p "$PREFIX")' in sh and '"${RFLAG[@]}" "${PFLAG[@]}" "$TARGET"' in sh
+    assert 'set PFLAG=-p "%PREFIX%"' in bat and '%RFLAG% %PFLAG% "%TARGET%"' in bat
+    assert 'PREFIX=${PREFIX//\\"/}' in sh and 'set "PREFIX=%PREFIX:"=%"' in bat  # both drop quotes

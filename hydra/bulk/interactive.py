@@ -38,6 +38,7 @@ Type 'q' to quit, or 'h' for help.
 For bulk operations, quit and run again with a path, or '-h' for help."""
 
 COMMANDS = ("threshold", "calibration", "exclude", "include", "implications", "help", "quit", "exit")
+BARE_COMMANDS = ("help", "quit", "exit")  # completed without the space that starts an argument
 
 
 def model_categories(session: TagSettings) -> list[str]:
@@ -169,7 +170,12 @@ def _looks_like_command(text: str) -> bool:
 
 
 def _terminal_reader(tagger, categories: Sequence[str]):
-    """`input` with readline's line editing, in-memory history and tab completion; plain `input` without it."""
+    """`input` with readline's line editing, in-memory history and tab completion; plain `input` without it.
+
+    Python's `input` uses readline only when stdin and stdout are both the terminal, so this is called for a
+    terminal stdin, and `run` prints through the same stdout. Keys typed while an image is being tagged are
+    echoed by the terminal as typed (`^[[A`) and still reach readline when the next prompt appears.
+    """
     try:
         import readline
     except ImportError:  # Windows without pyreadline3: no editing, but the REPL works the same
@@ -178,26 +184,36 @@ def _terminal_reader(tagger, categories: Sequence[str]):
     words = {"exclude": categories, "include": categories, "implications": tagger.family.implication_modes}
 
     def complete(text: str, state: int) -> str | None:
-        before = readline.get_line_buffer()[: readline.get_begidx()].split()
-        if not before:
-            options = [c for c in (*COMMANDS, size) if c.startswith(text)]
+        # `text` is the word at the cursor (words end at spaces); a path may hold spaces, so it is the whole
+        # line (or all after `calibration `), completed in the user's spelling, minus what is before `text`
+        typed = readline.get_line_buffer()[: readline.get_endidx()].lstrip()
+        cmd, space, arg = typed.partition(" ")
+        if not space:
+            options = [c if c in BARE_COMMANDS else c + " " for c in (*COMMANDS, size) if c.startswith(text)]
             options += _paths(text)
-        elif before[0] in words:
-            options = [w for w in words[before[0]] if w.startswith(text)]
+        elif cmd in words:
+            options = [w for w in words[cmd] if w.startswith(text)]
         else:
-            options = _paths(text)
+            path = arg.lstrip() if cmd == "calibration" else typed
+            options = [p[len(path) - len(text):] for p in _paths(path)]
         return options[state] if state < len(options) else None
 
     readline.set_completer(complete)
     readline.set_completer_delims(" \t\n")
-    readline.parse_and_bind("tab: complete")
+    if "libedit" in (readline.__doc__ or ""):  # macOS's Python: libedit spells the binding its own way
+        readline.parse_and_bind("bind ^I rl_complete")
+    else:
+        readline.parse_and_bind("tab: complete")
     return input
 
 
 def _paths(text: str) -> list[str]:
-    """Files and folders starting with `text` (folders end in the separator, to go on completing)."""
-    found = glob.glob(glob.escape(os.path.expanduser(text)) + "*")
-    return sorted(p + os.sep if os.path.isdir(p) else p for p in found)
+    """Files and folders starting with `text`, spelt as typed (`~` kept); folders end in the separator, to go on
+    completing."""
+    expanded = os.path.expanduser(text)
+    found = glob.glob(glob.escape(expanded) + "*")
+    typed = [text + p[len(expanded):] if p.startswith(expanded) else p for p in found]  # glob may tidy `a//b`
+    return sorted(t + (os.sep if os.path.isdir(p) else "") for t, p in zip(typed, found))
 
 
 def _classify(tagger, rules: TagRules, path: str, stdout: TextIO) -> None:
