@@ -21,8 +21,8 @@ Every measurement is a fresh process, so start-up and peak RSS are honest:
 - "ours" runs `inference.py -o - ...` itself (CSV rows on stdout, timed as they arrive);
 - "naive" re-creates what the original inference.py does: every tensor read into a dict and copied into an
   allocated model (peak ~2x the weights), loader workers that import torch and timm (the original's spawned
-  workers re-import its modules), batch 1, every image padded to `seqlen`, the boolean key mask always passed,
-  the Hydra head over all tags in one pass, bf16. For Hydra 3.5 it re-creates upstream's inference.py the same
+  workers re-import its modules), batch 1 (`--naive-batch-size N`: N in arrival order), every image padded to
+  `seqlen`, the boolean key mask always passed, the Hydra head over all tags in one pass, bf16. For Hydra 3.5 it re-creates upstream's inference.py the same
   way: every tensor read (the validation table too) and copied into an allocated model, its default loader
   workers (min(ceil(cores / 3), 16), at most half the images) that import torch and timm, libvips as ours,
   batch 1 padded to `seqlen` with the mask, the whole pool and head over all 8,886 tags in one pass, unfolded.
@@ -79,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
     g = p.add_argument_group("workload")
     g.add_argument("--seqlen", type=int, nargs="+", help=f"Sequence lengths. (Default: {' '.join(map(str, SEQLENS))})")
-    g.add_argument("--batch-size", type=int, nargs="+", help="Batch sizes for ours (naive is always 1). "
+    g.add_argument("--naive-batch-size", type=int, nargs="+", default=[1], metavar="N",
+                   help="Batch sizes for naive: N images in arrival order, each padded to seqlen, as the originals' "
+                   "-b. (Default: 1, the originals' default)")
+    g.add_argument("--batch-size", type=int, nargs="+", help="Batch sizes for ours. "
                    f"(Default: {' '.join(map(str, BATCH_SIZES))})")
     g.add_argument("--folders", nargs="+", choices=("mixed", "uniform"), default=["mixed", "uniform"],
                    help="Image folders to run. (Default: both)")
@@ -290,7 +293,7 @@ class Run:
 def run_command(run: Run, model: str, folder: Path, out: Path) -> list[str]:
     if run.mode == "naive":
         return [sys.executable, str(ROOT / "bench.py"), "--child", "naive", "--model", model, "--folder", str(folder),
-                "--seqlen", str(run.seqlen), "--device", run.device]
+                "--seqlen", str(run.seqlen), "--device", run.device, "--batch-size", str(run.batch)]
     cmd = [sys.executable, str(ROOT / "inference.py"), "-M", model, "-E", "-o", "-", "-S", str(run.seqlen),
            "-b", str(run.batch), "-d", run.device, "--dtype", run.dtype]
     return (cmd + (["-w", str(run.workers)] if run.workers is not None else []) + (["-c"] if run.compile else [])
@@ -463,19 +466,30 @@ def naive_child(args: argparse.Namespace) -> int:
         worker, workers = Worker(seqlen, (model.background, model.resize)), upstream35_workers(cores, len(paths))
     else:
         model, worker, workers = load_like_original(args.model, args.device[0]), Worker(seqlen), cores
+    size, pending = (args.batch_size or [1])[0], []
+
+    def run(pending: list[tuple[str, dict]]) -> None:
+        host = collate([sample for _, sample in pending], pad_to=seqlen)
+        batch = model.to_device_batch(host, non_blocking=True)
+        valid = host["patch_valid"].to(model.device)  # always passed, as the originals
+        feats = model.net.forward_features(batch["patches"], patch_coord=batch["patch_coord"],
+                                           patch_valid=valid, attn_mask=valid[:, None, None, :])["patches"]
+        probs = model.head_logits(feats, valid).float().sigmoid().cpu().numpy()
+        for (path, _), p in zip(pending, probs):
+            out.writerow([path, *(f"{x:.4f}" for x in p.tolist())])
+        sys.stdout.flush()
+
     with torch.inference_mode(), ImageLoader(worker, workers) as loader:
         for path, sample in loader.imap(paths):
             if isinstance(sample, LoadError):
                 print(f"'{path}': {sample}", file=sys.stderr)
                 continue
-            host = collate([sample], pad_to=seqlen)
-            batch = model.to_device_batch(host, non_blocking=True)
-            valid = host["patch_valid"].to(model.device)  # always passed, as the originals
-            feats = model.net.forward_features(batch["patches"], patch_coord=batch["patch_coord"],
-                                               patch_valid=valid, attn_mask=valid[:, None, None, :])["patches"]
-            probs = model.head_logits(feats, valid).float().sigmoid()[0].cpu().numpy()
-            out.writerow([path, *(f"{p:.4f}" for p in probs.tolist())])
-            sys.stdout.flush()
+            pending.append((path, sample))
+            if len(pending) == size:
+                run(pending)
+                pending = []
+        if pending:
+            run(pending)
     return 0
 
 
@@ -563,7 +577,8 @@ def plan(args: argparse.Namespace, devices: list[str]) -> list[Run]:
             for folder in args.folders:
                 for seqlen in args.seqlen:
                     if "naive" in args.modes:
-                        runs.append(Run(device, folder, seqlen, "naive", 1, None, "bf16", family))
+                        runs += [Run(device, folder, seqlen, "naive", b, None, "bf16", family)
+                                 for b in args.naive_batch_size]
                     if "ours" in args.modes:
                         runs += [Run(device, folder, seqlen, "ours", b, w, args.dtype, family, c)
                                  for b in args.batch_size for w in (args.workers or [None])
