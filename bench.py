@@ -23,9 +23,10 @@ Every measurement is a fresh process, so start-up and peak RSS are honest:
   allocated model (peak ~2x the weights), loader workers that import torch and timm (the original's spawned
   workers re-import its modules), batch 1 (`--naive-batch-size N`: N in arrival order), every image padded to
   `seqlen`, the boolean key mask always passed, the Hydra head over all tags in one pass, bf16. For Hydra 3.5
-  it re-creates upstream's inference.py the same way: every tensor read (the validation table too) and copied into an allocated model, its default loader
-  workers (min(ceil(cores / 3), 16), at most half the images) that import torch and timm, libvips as ours,
-  batch 1 padded to `seqlen` with the mask, the whole pool and head over all 8,886 tags in one pass, unfolded.
+  it re-creates upstream's inference.py the same way: every tensor read (the validation table too) and copied
+  into an allocated model, its default loader workers (min(ceil(cores / 3), 16), at most half the images) that
+  import torch and timm, libvips as ours, batch 1 padded to `seqlen` with the mask, the whole pool and head over
+  all 8,886 tags in one pass, unfolded.
   Both modes print the same CSV, so their probabilities are compared.
 - "load" probes load the model alone and report RSS before and the peak after (ours vs the original's way).
 - "stage" probes split ours per family in one process: decode + resize + patchify (the family's own pipeline:
