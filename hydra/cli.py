@@ -361,7 +361,16 @@ def check_family_options(args: argparse.Namespace, family: Family, path: str) ->
     for name, flag in (("exif", "--exif"), ("white_background", "--white-background")):
         if getattr(args, name, None) and name not in family.options:
             raise ValueError(f"{flag} is for the DINOv3 tagger; '{path}' is a {family.title} model")
-    for control in SIZE_CONTROLS:  # a size flag is None unless given (the scripts declare them `unset`)
+    check_size_flags(args, family, path)
+
+
+def check_size_flags(args: argparse.Namespace, family: Family, path: str) -> None:
+    """`-S` for a model sized by `--max-size`, or the reverse: one line naming the flag the model uses.
+
+    Raises:
+        ValueError: a size flag given (not None: the scripts declare them `unset`) that `family` does not use.
+    """
+    for control in SIZE_CONTROLS:
         if control is not family.size and getattr(args, control.name, None) is not None:
             raise ValueError(f"{control.flag} does not apply to '{path}', a {family.title} model: its "
                              f"{family.size.label.lower()} is {family.size.flag}")

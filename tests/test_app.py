@@ -16,9 +16,11 @@ Run: venv/bin/python -m pytest tests/test_app.py -q   (about 1 minute on 2 CPU c
 from __future__ import annotations
 
 import csv
+import html
 import http.server
 import io
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -427,6 +429,96 @@ def test_dinov3_batch(web, dino, fixture_files, tmp_path):
     assert caption == format_caption(rules.classify(web.probabilities(dino, key, 1024)))  # the .txt caption spelling
     assert len(caption.split(", ")) == 30 and "(" not in caption.replace("\\(", "")  # escaped parentheses
     assert Path(csv_path).read_text(encoding="utf-8").splitlines()[0] == ",".join(["filename", *DINO_TAGS])
+
+
+BATCH_OPTIONS = {"extension": "caption", "prefix": "trigger word, fox,", "trigger_from_folder": True,
+                 "undesired": "tail, no such tag", "replace": "red_fox=vulpes\nsolo=alone", "category_thresholds":
+                 "species=-1", "max_tags": 5, "separator": " | ", "underscores": True}
+BATCH_FLAGS = ["--caption-extension", "caption", "-p", "trigger word, fox,", "--trigger-from-folder",
+               "--undesired-tags", "tail, no such tag", "--replace-tag", "red_fox=vulpes", "--replace-tag",
+               "solo=alone", "--category-threshold", "species=-1", "--max-tags", "5", "--separator", " | ", "-u"]
+
+
+def test_batch_caption_options_write_what_inference_py_writes(web, jtp, fixture_files, tmp_path):
+    from hydra.web.batch import batch_captions
+
+    tree = tmp_path / "tree"
+    for folder in ("10_my_trigger", "plain"):
+        (tree / folder).mkdir(parents=True)
+        (tree / folder / "fox.png").write_bytes(fixture_files["image"].read_bytes())
+    zpath = tmp_path / "kohya.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for folder in ("10_my_trigger", "plain"):
+            zf.write(tree / folder / "fox.png", f"{folder}/fox.png")
+    captions = batch_captions(jtp, None, **BATCH_OPTIONS)
+    rules = jtp.rules(0.0, mode="inherit", **captions.rule_changes)
+    zip_path, csv_path, summary = web.batch(jtp, [str(zpath)], rules, 1024, captions=captions)
+    assert summary.startswith("Tagged 2 images, 0 failed.")
+    assert "note: --undesired-tags: 1 name the model has no tag for, ignored: 'no such tag'" in summary
+    with zipfile.ZipFile(zip_path) as zf:
+        assert sorted(zf.namelist()) == ["10_my_trigger/fox.caption", "plain/fox.caption"]
+        got = {n: zf.read(n).decode() for n in zf.namelist()}
+    trigger, plain = got["10_my_trigger/fox.caption"].split(" | "), got["plain/fox.caption"].split(" | ")
+    assert trigger[:3] == ["my_trigger", "trigger word", "fox"] and plain[:2] == ["trigger word", "fox"]
+    assert "tail" not in plain and "fox" not in plain[2:] and 1 <= len(plain) - 2 <= 5
+    # species at -1 (p >= 0) pass whatever the threshold of the rest
+    key = web.add_image(fixture_files["image"].read_bytes(), "fox.png")
+    species = batch_captions(jtp, None, category_thresholds="species=-1").rule_changes
+    probs = web.probabilities(jtp, key, 1024)
+    passed, rest = (set(jtp.rules(0.99, mode="off", **changes).classify(probs)) for changes in (species, {}))
+    assert passed == {t for t in jtp.labels if jtp.category_name(t) == "species"} | rest != rest
+    # the very files inference.py writes with the same flags, from the same folders
+    run = subprocess.run([sys.executable, str(ROOT / "inference.py"), *server_args(fixture_files, models=("model",)),
+                          "-t", "0.0", "-i", "inherit", "-w", "0", *BATCH_FLAGS, "-r", str(tree)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert got == {n: (tree / n).read_text(encoding="utf-8") for n in got}
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("extension", "png", "Caption extension: --caption-extension 'png': that is an image extension"),
+    ("extension", "a/b", "Caption extension: --caption-extension 'a/b': an extension such as .txt"),
+    ("replace", "fox", "Replace tags: expected OLD=NEW, got 'fox'"),
+    ("category_thresholds", "character", "Category thresholds: expected CATEGORY=THRESHOLD such as character=0.7, "
+                                         "got 'character'"),
+    ("category_thresholds", "general=2", "Category thresholds: Threshold must be between -1.0 and 1.0."),
+    ("category_thresholds", "nope=0.5", "Category thresholds: unknown category 'nope'; choose from general"),
+    ("max_tags", -1, "Max tags must be a whole number (0 = no limit), got -1."),
+    ("max_tags", 2.5, "Max tags must be a whole number (0 = no limit), got 2.5."),
+    ("max_tags", "many", "Max tags must be a whole number (0 = no limit), got 'many'."),
+])
+def test_batch_caption_options_refuse_bad_values_in_the_clis_words(web, jtp, field, value, message):
+    from hydra.web.batch import batch_captions
+    from hydra.web.handlers import Handlers, ui_errors
+
+    with pytest.raises(UserError) as e:
+        batch_captions(jtp, None, **{field: value})
+    assert str(e.value).startswith(message)
+    if field in ("replace", "category_thresholds") and "=2" not in str(value) and "nope" not in str(value):
+        from hydra import cli  # the same words as inference.py's flag
+
+        with pytest.raises(Exception) as flag_error:
+            (cli.replacement if field == "replace" else cli.category_threshold)(value)
+        assert str(e.value).endswith(str(flag_error.value))
+    # through the page's handler: a message in the UI before any image is read, not a traceback
+    import gradio as gr
+
+    kwargs = {{"extension": "caption_extension", "replace": "replace_tags"}.get(field, field): value}
+    with pytest.raises(gr.Error) as shown:
+        ui_errors(Handlers(web).on_batch)(["no-such-file.png"], 0.0, "Threshold slider", None, "off", [], 1024,
+                                          **kwargs)
+    assert shown.value.message.startswith(html.escape(message))
+
+
+def test_batch_category_thresholds_need_categories_and_thresholds(web, jtp):
+    from hydra.web.batch import batch_captions
+
+    with pytest.raises(UserError, match=re.escape("keeps the top 30 tags (Select tags by: Top k); choose a "
+                                                  "threshold or a calibration instead")):
+        batch_captions(jtp, 30, category_thresholds="character=0.5")
+    with pytest.raises(UserError, match="Category thresholds: --category-threshold needs tag categories"):
+        batch_captions(web.model("dino-plain.safetensors"), None, category_thresholds="general=0.5")
+    assert batch_captions(jtp, 30).rule_changes == {"max_tags": None}  # nothing asked, nothing changed
 
 
 def test_batch_limits(web, jtp, fixture_files, tmp_path):
