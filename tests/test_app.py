@@ -204,7 +204,7 @@ def test_parser_defaults_bind_localhost():
     args = app.build_parser().parse_args([])
     assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)
     assert args.model is None and args.extension == [] and not args.no_default_extensions
-    assert args.vocab == [] and args.max_size == 1024 and not args.exif
+    assert args.vocab == [] and args.max_size is None and args.seqlen is None and not args.exif  # None: not given
     assert "Repeat to serve several" in " ".join(app.build_parser().format_help().split())
     with pytest.raises(SystemExit):
         app.build_parser().parse_args(["--help"])
@@ -540,12 +540,33 @@ def test_batch_limits(web, jtp, fixture_files, tmp_path):
     (["-M", "{model}", "--vocab", "{plain_vocab}"], "1 --vocab for 0 DINOv3 tagger checkpoint(s)"),
     (["-M", "{dino}", "-e", "{extension}"], "-e is for JTP-3 Hydra and Hydra 3.5 models, and none is configured"),
     (["-M", "{model}", "-M", "{dino_plain}"], "give its vocabulary with --vocab"),
+    # inference.py's refusal of the other family's size flag, word for word
+    (["-M", "{dino}", "-S", "512"], "-S does not apply to '{dino}', a DINOv3 tagger model: its max size is --max-size"),
+    (["-M", "{model}", "--max-size", "512"], "--max-size does not apply to '{model}', a JTP-3 Hydra model: its "
+                                             "sequence length is -S"),
+    (["-M", "{dino}", "-M", "{dino_plain}", "--vocab", "{plain_vocab}", "--seqlen", "512"],  # no model uses -S
+     "-S does not apply to '{dino}'"),
 ])
 def test_startup_fails_in_one_line_before_serving(fixture_files, capsys, flags, message):
     args = app.build_parser().parse_args([f.format(**fixture_files) for f in flags])
     assert app.main(args) == 2  # nothing is served
     err = capsys.readouterr().err
-    assert err.count("error: ") == 1 and message in err and "Traceback" not in err
+    assert err.count("error: ") == 1 and message.format(**fixture_files) in err and "Traceback" not in err
+
+
+def test_size_flags_go_to_the_models_that_use_them(fixture_files):
+    args = app.build_parser().parse_args(server_args(fixture_files, "-S", "512", "--max-size", "640"))
+    web = app.make_web(args)
+    try:
+        assert [(m.family.size.name, m.default_size) for m in web.models.values()] == [("seqlen", 512),
+                                                                                        ("max_size", 640)]
+    finally:
+        web.close()
+    web = app.make_web(app.build_parser().parse_args(server_args(fixture_files, "-S", "256")))
+    try:  # the DINOv3 model keeps its default
+        assert [m.default_size for m in web.models.values()] == [256, 1024]
+    finally:
+        web.close()
 
 
 def test_busy_port_is_reported_before_the_models_load(fixture_files, capsys, monkeypatch):
@@ -651,6 +672,9 @@ def test_api_tag_multipart(server):
     probs = [t["probability"] for t in body["tags"]]
     assert probs == sorted(probs, reverse=True) and min(probs) >= from_symmetric(-0.5)
     assert all(set(t) == {"tag", "probability", "category"} for t in body["tags"])
+    # the response names its numbers: probabilities, and the threshold given on the symmetric scale with its p
+    assert body["scale"] == "probability"
+    assert body["selection"] == {"threshold": -0.5, "threshold_scale": "symmetric", "min_probability": 0.25}
     cats = {t["tag"]: t["category"] for t in body["tags"]}
     assert cats.get("fox", "species") == "species" and cats.get(EXTENSION_TAG, "general") == "general"
     assert body["caption"] == format_caption({t["tag"]: t["probability"] for t in body["tags"]})
@@ -675,7 +699,9 @@ def test_api_dinov3_model_field(server):
     assert len(every) == len(DINO_TAGS)
     no_species = api_tag(url, image, model=DINO, threshold="-1", exclude="species").json()["tags"]
     assert no_species and len(no_species) < len(every) and all(t["category"] != "species" for t in no_species)
-    assert len(api_tag(url, image, model=DINO, topk="3").json()["tags"]) == 3
+    three = api_tag(url, image, model=DINO, topk="3").json()
+    assert len(three["tags"]) == 3 and (three["scale"], three["selection"]) == ("probability", {"topk": 3})
+    assert body["selection"] == {"topk": 30}  # the DINOv3 default, named
     top = api_tag(url, image, topk="4").json()  # top k works for JTP-3 too; no model = the first one
     assert top["model"] == "model.safetensors" and len(top["tags"]) == 4
 
@@ -685,6 +711,7 @@ def test_api_default_uses_calibration_csv(server):
     body = api_tag(url, files["image"].read_bytes()).json()
     calibrated = set(load_calibration(files["calibration"]))
     assert {t["tag"] for t in body["tags"]} <= calibrated
+    assert body["selection"] == {"calibration": "calibration.csv"} and body["scale"] == "probability"
 
 
 def test_api_url_fetch(server, image_server):
