@@ -1007,6 +1007,7 @@ def test_gradio_client_bad_uploads_are_messages(client, server):
 
 def test_gradio_client_batch(client, server, tmp_path):
     from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
 
     _, files, _ = server
     zpath = tmp_path / "two.zip"
@@ -1024,3 +1025,14 @@ def test_gradio_client_batch(client, server, tmp_path):
     with zipfile.ZipFile(zip_out) as zf:
         assert [len(zf.read(n).decode().split(", ")) for n in sorted(zf.namelist())] == [3, 3]
     assert Path(csv_out).read_text(encoding="utf-8").splitlines()[0] == ",".join(["filename", *DINO_TAGS])
+    # the caption options by name, as the page sends them
+    zip_out, _, summary = client.predict([handle_file(str(zpath))], 0.0, "Top k", "off", [], 1024, model=DINO,
+                                         topk=3, caption_extension="caption", prefix="my trigger", max_tags=2,
+                                         separator=" | ", api_name="/batch")
+    with zipfile.ZipFile(zip_out) as zf:
+        assert sorted(zf.namelist()) == ["a/fox.caption", "b/other.caption"]
+        assert [zf.read(n).decode().split(" | ")[0] for n in sorted(zf.namelist())] == ["my trigger"] * 2
+        assert [len(zf.read(n).decode().split(" | ")) for n in sorted(zf.namelist())] == [3, 3]
+    with pytest.raises(AppError, match="Replace tags: expected OLD=NEW"):
+        client.predict([handle_file(str(zpath))], 0.0, "Top k", "off", [], 1024, replace_tags="fox",
+                       api_name="/batch")

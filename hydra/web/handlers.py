@@ -203,8 +203,8 @@ class Handlers:
                 gr.Markdown(visible=not cam), gr.Textbox(visible=m.embedded), plain)
 
     def on_batch(self, files, threshold, source, calibration, mode, exclude, seqlen, model=None, max_size=None,
-                 topk=None, metric=None, caption_extension=".txt", prefix="", trigger_from_folder=False,
-                 undesired_tags="", replace_tags="", category_thresholds="", max_tags=0, separator="",
+                 topk=None, metric=None, caption_extension=None, prefix=None, trigger_from_folder=False,
+                 undesired_tags=None, replace_tags=None, category_thresholds=None, max_tags=None, separator=None,
                  underscores=False, progress=gr.Progress()):  # noqa: B008
         s = Settings(threshold, source, calibration, mode, exclude, seqlen, model, max_size, topk, metric)
         m, size, rules = self.resolve(s)  # the shared settings first: their errors come first

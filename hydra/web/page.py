@@ -187,7 +187,8 @@ def _image_tab(web: WebService) -> dict:
 
 
 # The batch tab's caption options, in the order of `Handlers.on_batch`'s parameters: inference.py's flags of the
-# same names (README "Coming from kohya / TagGUI"), parsed by the same functions.
+# same names (README "Coming from kohya / TagGUI"), parsed by the same functions. Each has an initial value, so
+# gradio_client callers of /batch may leave them out.
 BATCH_CAPTION_OPTIONS = ("caption_extension", "prefix", "trigger_from_folder", "undesired_tags", "replace_tags",
                          "category_thresholds", "max_tags", "separator", "underscores")
 
@@ -201,22 +202,22 @@ def _batch_tab() -> dict:
                                                 elem_id="caption-extension", info="e.g. .txt or .caption")
             c["max_tags"] = gr.Number(0, label="Max tags (--max-tags)", minimum=0, precision=0, elem_id="max-tags",
                                       info="The N most probable that pass; 0 = no limit")
-        c["prefix"] = gr.Textbox(label="Always first (-p)", placeholder="trigger, anthro", elem_id="prefix",
+        c["prefix"] = gr.Textbox("", label="Always first (-p)", placeholder="trigger, anthro", elem_id="prefix",
                                  info="Tags or trigger words every caption starts with, comma-separated; a tag "
                                       "named here is not repeated.")
         c["trigger_from_folder"] = gr.Checkbox(label="Trigger word from kohya N_name/ folders in zips "
                                                "(--trigger-from-folder)", elem_id="trigger-from-folder")
-        c["undesired_tags"] = gr.Textbox(label="Undesired tags (--undesired-tags)", elem_id="undesired-tags",
+        c["undesired_tags"] = gr.Textbox("", label="Undesired tags (--undesired-tags)", elem_id="undesired-tags",
                                          placeholder="text, signature, watermark",
                                          info="Never output; e621 or caption spelling, comma-separated.")
-        c["replace_tags"] = gr.Textbox(label="Replace tags (--replace-tag)", placeholder="male=man, female=woman",
+        c["replace_tags"] = gr.Textbox("", label="Replace tags (--replace-tag)", placeholder="male=man, female=woman",
                                        elem_id="replace-tags", info="OLD=NEW, separated by commas or new lines.")
-        c["category_thresholds"] = gr.Textbox(label="Category thresholds (--category-threshold)",
+        c["category_thresholds"] = gr.Textbox("", label="Category thresholds (--category-threshold)",
                                               placeholder="character=0.7, general=0.35", elem_id="category-thresholds",
                                               info="CATEGORY=T on the slider's symmetric -1..1 scale (p >= (T+1)/2); "
                                                    "replaces the threshold or calibration for that category.")
         with gr.Row():
-            c["separator"] = gr.Textbox(label="Separator (--separator)", placeholder=", ", elem_id="separator",
+            c["separator"] = gr.Textbox("", label="Separator (--separator)", placeholder=", ", elem_id="separator",
                                         info="Between caption tags; empty = ', ' (' ' with underscores)")
             c["underscores"] = gr.Checkbox(label="Keep underscores (-u; off = --spaces)", elem_id="underscores")
     c["run"] = gr.Button("Tag all", variant="primary", elem_id="batch-run")
