@@ -149,9 +149,14 @@ TOAST_SECONDS = 10  # gr.Error's own duration: a toast that goes sooner than thi
 def errors_gone_before_their_timeout(page, shown: float) -> None:
     """Every error toast leaves the page (its close animation included) well before it would time out by itself,
     `TOAST_SECONDS` after `shown`: so the page closed it."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     left = TOAST_SECONDS - 2 - (time.monotonic() - shown)
     assert left > 0, "the good request took too long to tell closing from the toast's own timeout"
-    page.wait_for_selector(ERROR_TOAST, state="detached", timeout=left * 1000)
+    try:
+        page.wait_for_selector(ERROR_TOAST, state="detached", timeout=left * 1000)
+    except PlaywrightTimeout:
+        pytest.fail(f"error messages left after a good request: {page.locator(ERROR_TOAST).all_inner_texts()}")
 
 
 @pytest.mark.parametrize("width, height", [(1400, 1000), (390, 844)])
@@ -190,7 +195,8 @@ def test_browser_stale_errors_clear_when_a_good_result_arrives(server, tmp_path,
             page.screenshot(path=str(tmp_path / f"batch-error-{width}.png"), full_page=True)
             field.fill("character=0.7")
             page.locator("#batch-run").click()
-            page.wait_for_selector("#batch-status:has-text('Tagged 1 image, 0 failed.')")
+            page.wait_for_selector("#batch-status:has-text('Tagged 1 image, 0 failed.')",
+                                   timeout=TOAST_SECONDS * 1000)  # any longer could not tell closing from timing out
             errors_gone_before_their_timeout(page, shown)
             page.screenshot(path=str(tmp_path / f"batch-{width}.png"), full_page=True)
         finally:

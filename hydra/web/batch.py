@@ -109,7 +109,10 @@ def batch_captions(model: WebModel, topk: int | None, *, extension: str | None =
     field_error("Category thresholds", lambda: options.check_category_thresholds(
         by_category, settings.metadata, topk, "(Select tags by: Top k); choose a threshold or a calibration instead"))
     limit = _max_tags(max_tags)
-    warn = lambda line: notes.append(line.removeprefix("warning: "))  # noqa: E731
+
+    def warn(line: str) -> None:  # names the model lacks: a note under the summary, not a server log line
+        notes.append(line.removeprefix("warning: "))
+
     captions = None
     if pairs or separator or underscores:
         captions = options.caption_spelling(settings.labels, settings.metadata, settings.rewrite, model.family.caption,

@@ -5,7 +5,8 @@ The page has a column of tag settings shared by the image and batch tabs, a mode
 model is served, and for each model only the controls it supports, read from its family: the size slider its
 size control names (sequence length or long-edge cap), implications and category exclusion when it has the
 data, the CAM when it has one. Switching the model swaps those controls, then re-filters: the new model runs
-once per image and size, the old one's probabilities stay cached.
+once per image and size, the old one's probabilities stay cached. The batch tab adds inference.py's caption
+options (`BATCH_CAPTION_OPTIONS`, parsed in `hydra/web/batch.py`).
 """
 
 from __future__ import annotations
