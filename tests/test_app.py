@@ -684,6 +684,24 @@ def test_api_tag_multipart(server):
     assert no_species["tags"] and all(t["category"] not in ("species", "meta") for t in no_species["tags"])
 
 
+def test_api_takes_the_batch_tabs_caption_options(server):
+    url, files, _ = server
+    image = files["image"].read_bytes()
+    every = api_tag(url, image, threshold="-0.5").json()["tags"]
+    body = api_tag(url, image, threshold="-0.5", prefix="my trigger", max_tags="3", separator=" | ",
+                   underscores="true", undesired_tags=every[0]["tag"].replace("_", " "), replace_tags="x=y").json()
+    assert [t["tag"] for t in body["tags"]] == [t["tag"] for t in every[1:4]]  # the next three most probable
+    assert body["notes"] == ["-a/-A/--replace-tag: 1 name the model has no tag for, ignored: 'x'"]
+    assert body["caption"] == " | ".join(["my trigger", *(t["tag"].replace("(", "\\(").replace(")", "\\)")
+                                                          for t in body["tags"])])
+    for fields, message in (({"replace_tags": "fox"}, "Replace tags: expected OLD=NEW, got 'fox'"),
+                            ({"max_tags": "-2"}, "Max tags must be a whole number"),
+                            ({"underscores": "maybe"}, "'underscores' must be true or false."),
+                            ({"topk": "5", "category_thresholds": "species=0.2"}, "keeps the top 5 tags")):
+        bad = api_tag(url, image, **fields)
+        assert bad.status_code == 400 and message in bad.json()["error"], bad.text
+
+
 def test_api_dinov3_model_field(server):
     url, files, _ = server
     image = files["image"].read_bytes()

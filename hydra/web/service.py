@@ -260,7 +260,7 @@ class WebService:
     def tag_request(self, fields: dict, data: bytes | None) -> dict:
         """`POST /api/tag` once the body is parsed: the image bytes (or `url`) and the optional fields
         `model`, `threshold` or `topk`, `implications`, `exclude`."""
-        model, rules = self.request_settings(fields, data)
+        model, rules, captions = self.request_settings(fields, data)
         if data is None:
             data = self.fetch(fields["url"])
         if not data:
@@ -271,10 +271,13 @@ class WebService:
         # the client gave is on the symmetric scale of JTP-3's tools (named, with the p it means)
         return {"model": model.name, "scale": "probability", "selection": selection(model, fields),
                 "tags": [{"tag": t, "probability": p, "category": model.category_name(t)} for t, p in tags],
-                "caption": model.caption(tags)}
+                "caption": (captions.captions or model.settings.captions).caption(
+                    dict(sorted(tags, key=lambda tp: model.position[tp[0]])), captions.prefix),
+                **({"notes": list(captions.notes)} if captions.notes else {})}  # option values the model cannot use
 
-    def request_settings(self, fields: dict, data: bytes | None) -> tuple[WebModel, TagRules]:
-        """The model and validated tag rules of an API request (checked before any URL is fetched)."""
+    def request_settings(self, fields: dict, data: bytes | None) -> tuple[WebModel, TagRules, batches.BatchCaptions]:
+        """The model, validated tag rules and caption options of an API request (checked before any URL is
+        fetched). The caption options are the batch tab's (`API_CAPTION_FIELDS`)."""
         model = self.model(_optional_str(fields, "model"))
         if data is None:
             url = fields.get("url")
@@ -288,8 +291,13 @@ class WebService:
         if not isinstance(exclude, list) or not all(isinstance(x, str) for x in exclude):
             raise UserError("'exclude' must be a category name or a list of them.")
         exclude = [c for x in exclude for c in x.replace(",", " ").split()]
-        return model, model.rules(threshold, source, None, _optional_str(fields, "implications"), exclude, topk,
-                                  metric)
+        args = (threshold, source, None, _optional_str(fields, "implications"), exclude, topk, metric)
+        rules = model.rules(*args)
+        given = {name: _optional_str(fields, name) for name in API_CAPTION_FIELDS if name != "max_tags"}
+        captions = batches.batch_captions(model, rules.topk, max_tags=fields.get("max_tags"),
+                                          underscores=_flag(fields, "underscores"),
+                                          **{API_CAPTION_FIELDS[k]: v for k, v in given.items()})
+        return model, model.rules(*args, **captions.rule_changes), captions
 
     def health(self) -> dict:
         """`GET /api/health`: the default model's description at the top level, every model under "models"."""
@@ -354,6 +362,21 @@ def sweep(root: str, max_age: float, keep: set[str] = frozenset()) -> int:
             except OSError:
                 pass
     return deleted
+
+
+# The /api/tag fields of the batch tab's caption options (inference.py's flags) -> `batch_captions` parameters;
+# plus `underscores` (true/false). The caption extension and folder trigger words have no use for one image.
+API_CAPTION_FIELDS = {"prefix": "prefix", "undesired_tags": "undesired", "replace_tags": "replace",
+                      "category_thresholds": "category_thresholds", "max_tags": "max_tags", "separator": "separator"}
+
+
+def _flag(fields: dict, name: str) -> bool:
+    value = fields.get(name)
+    if value in (None, "", False, True):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "false", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise UserError(f"'{name}' must be true or false.")
 
 
 def _optional_str(fields: dict, name: str) -> str | None:
