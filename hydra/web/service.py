@@ -259,7 +259,8 @@ class WebService:
 
     def tag_request(self, fields: dict, data: bytes | None) -> dict:
         """`POST /api/tag` once the body is parsed: the image bytes (or `url`) and the optional fields
-        `model`, `threshold` or `topk`, `implications`, `exclude`."""
+        `model`, `threshold` or `topk` or `metric`, `implications`, `exclude`, and the caption options
+        (`API_CAPTION_FIELDS`, `underscores`)."""
         model, rules, captions = self.request_settings(fields, data)
         if data is None:
             data = self.fetch(fields["url"])
