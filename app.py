@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_model_flag(g, repeat=True, help_extra="Repeat to serve several: the UI gets a model selector and the "
                        "API a 'model' field, both naming models by file name; the first is the default. ")
     cli.add_device_flags(g)
-    cli.add_size_flags(g)
+    cli.add_size_flags(g, unset=True)  # None unless given, so a size flag no served model uses is refused
     g = p.add_argument_group("tag data and extensions (for the models they apply to)")
     cli.add_metadata_flag(g)
     cli.add_extension_flags(g)
@@ -122,8 +122,8 @@ def make_web(args: argparse.Namespace):
 
 
 def family_flags(args: argparse.Namespace, family) -> dict:
-    """This script's flags that a model of `family` uses (a tags CSV, extensions, renames, its size, its
-    options); the others stay at their defaults for it."""
+    """This script's flags that a model of `family` uses (a tags CSV, extensions, renames, its size (None =
+    the family's default), its options); the others stay at their defaults for it."""
     flags = {family.size.name: getattr(args, family.size.name)}
     if family.metadata_file is not None:
         flags["metadata"] = args.metadata
@@ -144,8 +144,13 @@ def _check_models(args: argparse.Namespace, models: list) -> None:
     if len(args.vocab) > vocab_models:
         raise ValueError(f"{len(args.vocab)} --vocab for {vocab_models} DINOv3 tagger checkpoint(s) among the -M "
                          "files (each --vocab goes to the next DINOv3 model, in order)")
+    from hydra import cli
     from hydra.models import families
 
+    for control in cli.SIZE_CONTROLS:  # inference.py's check, for the first model when no model uses the flag
+        if getattr(args, control.name) is not None and not any(f.size is control for _, f in models):
+            path, family = models[0]
+            cli.check_size_flags(args, family, path)
     for flag, given, uses in (("-m", args.metadata is not None, lambda f: f.metadata_file),
                               ("-e", bool(args.extension), lambda f: f.extension_dir)):
         if given and not any(uses(f) for _, f in models):

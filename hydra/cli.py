@@ -17,7 +17,7 @@ from hydra.common import log
 from hydra.images.decode import DEFAULT_MAX_PIXELS
 from hydra.models.family import CALIBRATION_CSV, CALIBRATION_EMBEDDED, MAX_SIZE, SEQLEN, Family
 from hydra.models.resources import DEFAULT_METADATA, DEFAULT_MODEL, find_calibration, short_model_names
-from hydra.tags.rules import CATEGORIES, UNKNOWN_CATEGORY, caption_format, category_names
+from hydra.tags.rules import CATEGORIES, UNKNOWN_CATEGORY, category_names
 
 if TYPE_CHECKING:
     from hydra.tagger import Tagger
@@ -184,33 +184,28 @@ def add_caption_flags(group) -> None:
 
 
 def replacement(text: str) -> tuple[str, str]:
-    """argparse type of `--replace-tag OLD=NEW`."""
-    old, sep, new = text.partition("=")
-    if not sep or not old.strip() or not new.strip():
-        raise argparse.ArgumentTypeError(f"expected OLD=NEW, got {text!r}")
-    return old.strip(), new.strip()
+    """argparse type of `--replace-tag OLD=NEW` (`caption_options.parse_replacement`)."""
+    from hydra.tags.caption_options import parse_replacement
+
+    try:
+        return parse_replacement(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def category_threshold(text: str) -> tuple[str, float]:
-    """argparse type of `--category-threshold CATEGORY=T`: T a number on the scale of `-t` (the category is
-    checked against the model's categories once they are loaded)."""
-    from hydra.tags.rules import parse_threshold
+    """argparse type of `--category-threshold CATEGORY=T` (`caption_options.parse_category_threshold`)."""
+    from hydra.tags.caption_options import parse_category_threshold
 
-    name, sep, value = text.rpartition("=")
     try:
-        number = float(value)
-        if not sep or not name.strip():
-            raise ValueError
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected CATEGORY=THRESHOLD such as character=0.7, got {text!r}") from None
-    try:
-        return name.strip(), float(parse_threshold(number))
+        return parse_category_threshold(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def undesired_tags(args: argparse.Namespace) -> list[str]:
     """The names of `--undesired-tags` (comma-separated, `@FILE`) and `--undesired-tags-file`, in order."""
+    from hydra.tags.caption_options import split_tags as split
     from hydra.tags.rewrite import strip_comment
 
     def read(path: str) -> list[str]:
@@ -221,9 +216,6 @@ def undesired_tags(args: argparse.Namespace) -> list[str]:
             raise ValueError(f"undesired tags file {path!r}: {e.strerror or e}") from None
         except UnicodeDecodeError:
             raise ValueError(f"undesired tags file {path!r}: not UTF-8 text") from None
-
-    def split(text: str) -> list[str]:
-        return [t.strip() for t in text.split(",") if t.strip()]
 
     names: list[str] = []
     for value in getattr(args, "undesired_tags", None) or []:
@@ -384,7 +376,16 @@ def check_family_options(args: argparse.Namespace, family: Family, path: str) ->
     for name, flag in (("exif", "--exif"), ("white_background", "--white-background")):
         if getattr(args, name, None) and name not in family.options:
             raise ValueError(f"{flag} is for the DINOv3 tagger; '{path}' is a {family.title} model")
-    for control in SIZE_CONTROLS:  # a size flag is None unless given (the scripts declare them `unset`)
+    check_size_flags(args, family, path)
+
+
+def check_size_flags(args: argparse.Namespace, family: Family, path: str) -> None:
+    """`-S` for a model sized by `--max-size`, or the reverse: one line naming the flag the model uses.
+
+    Raises:
+        ValueError: a size flag given (not None: the scripts declare them `unset`) that `family` does not use.
+    """
+    for control in SIZE_CONTROLS:
         if control is not family.size and getattr(args, control.name, None) is not None:
             raise ValueError(f"{control.flag} does not apply to '{path}', a {family.title} model: its "
                              f"{family.size.label.lower()} is {family.size.flag}")
@@ -414,9 +415,9 @@ def load_run(args: argparse.Namespace) -> tuple[Tagger, TagSettings]:
     from hydra.calibration.embedded import DEFAULT_METRIC, parse_metric
     from hydra.models.resources import resolve_metadata
     from hydra.tags import rewrite as spelling
+    from hydra.tags.caption_options import caption_spelling, check_category_thresholds, undesired_labels
     from hydra.tags.rules import (
         TagMetadata,
-        TagNames,
         TagSettings,
         load_metadata,
         parse_categories,
@@ -495,23 +496,16 @@ def load_run(args: argparse.Namespace) -> tuple[Tagger, TagSettings]:
     if topk is None and flag("threshold") is None:
         topk = family.default_topk
     by_category = dict(flag("category_threshold", []))
-    if by_category:
-        parse_categories(by_category, metadata.names.values() if metadata is not None else ())
-        if metadata is None:
-            raise ValueError("--category-threshold needs tag categories (-m PATH, or a vocabulary with categories)")
-        if topk is not None:
-            raise ValueError(f"--category-threshold sets thresholds, but this run keeps the top {topk} tags "
-                             f"({'--topk' if flag('topk') else 'the default for ' + family.title + ' without -t'}); "
-                             "give -t instead")
-    aliases = {TagNames(labels, rewrite).find(k) or rewrite(k): v for k, v in aliases.items()}
-    TagNames(labels, rewrite).resolve(aliases, "-a/-A/--replace-tag")  # warns about the tags it cannot replace
+    topk_hint = f"({'--topk' if flag('topk') else 'the default for ' + family.title + ' without -t'}); give -t instead"
+    check_category_thresholds(by_category, metadata, topk, topk_hint)
     log(selection_line(threshold, threshold_arg, topk, family, metric, len(labels)))
-    captions = caption_format(labels, category_names(labels, metadata), family.caption, aliases=aliases,
-                              category_prefixes=dict(flag("category_prefix", [])),
-                              underscores=bool(flag("underscores", False)) and not flag("spaces", False),
-                              prompt=bool(flag("prompt", False)), separator=flag("separator"), rename=rewrite)
+    # warns about the tags it cannot replace
+    captions = caption_spelling(labels, metadata, rewrite, family.caption, aliases=aliases,
+                                category_prefixes=dict(flag("category_prefix", [])),
+                                underscores=bool(flag("underscores", False)) and not flag("spaces", False),
+                                prompt=bool(flag("prompt", False)), separator=flag("separator"))
     exclude_tags = captions.names.resolve(exclude_tags, "--exclude-tag/-X") if exclude_tags else []
-    exclude_tags += captions.names.resolve(undesired, "--undesired-tags") if undesired else []
+    exclude_tags += undesired_labels(captions, undesired)
     settings = TagSettings(labels, metadata, rewrite, threshold, mode, exclude, topk, list(dict.fromkeys(exclude_tags)),
                            groups, family.implications_after_thresholds, captions, by_category, flag("max_tags"))
     settings.rules()  # unknown group tags, bad combinations: one error now rather than per image

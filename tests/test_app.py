@@ -16,9 +16,11 @@ Run: venv/bin/python -m pytest tests/test_app.py -q   (about 1 minute on 2 CPU c
 from __future__ import annotations
 
 import csv
+import html
 import http.server
 import io
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -202,7 +204,7 @@ def test_parser_defaults_bind_localhost():
     args = app.build_parser().parse_args([])
     assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)
     assert args.model is None and args.extension == [] and not args.no_default_extensions
-    assert args.vocab == [] and args.max_size == 1024 and not args.exif
+    assert args.vocab == [] and args.max_size is None and args.seqlen is None and not args.exif  # None: not given
     assert "Repeat to serve several" in " ".join(app.build_parser().format_help().split())
     with pytest.raises(SystemExit):
         app.build_parser().parse_args(["--help"])
@@ -429,6 +431,96 @@ def test_dinov3_batch(web, dino, fixture_files, tmp_path):
     assert Path(csv_path).read_text(encoding="utf-8").splitlines()[0] == ",".join(["filename", *DINO_TAGS])
 
 
+BATCH_OPTIONS = {"extension": "caption", "prefix": "trigger word, fox,", "trigger_from_folder": True,
+                 "undesired": "tail, no such tag", "replace": "red_fox=vulpes\nsolo=alone", "category_thresholds":
+                 "species=-1", "max_tags": 5, "separator": " | ", "underscores": True}
+BATCH_FLAGS = ["--caption-extension", "caption", "-p", "trigger word, fox,", "--trigger-from-folder",
+               "--undesired-tags", "tail, no such tag", "--replace-tag", "red_fox=vulpes", "--replace-tag",
+               "solo=alone", "--category-threshold", "species=-1", "--max-tags", "5", "--separator", " | ", "-u"]
+
+
+def test_batch_caption_options_write_what_inference_py_writes(web, jtp, fixture_files, tmp_path):
+    from hydra.web.batch import batch_captions
+
+    tree = tmp_path / "tree"
+    for folder in ("10_my_trigger", "plain"):
+        (tree / folder).mkdir(parents=True)
+        (tree / folder / "fox.png").write_bytes(fixture_files["image"].read_bytes())
+    zpath = tmp_path / "kohya.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for folder in ("10_my_trigger", "plain"):
+            zf.write(tree / folder / "fox.png", f"{folder}/fox.png")
+    captions = batch_captions(jtp, None, **BATCH_OPTIONS)
+    rules = jtp.rules(0.0, mode="inherit", **captions.rule_changes)
+    zip_path, csv_path, summary = web.batch(jtp, [str(zpath)], rules, 1024, captions=captions)
+    assert summary.startswith("Tagged 2 images, 0 failed.")
+    assert "note: --undesired-tags: 1 name the model has no tag for, ignored: 'no such tag'" in summary
+    with zipfile.ZipFile(zip_path) as zf:
+        assert sorted(zf.namelist()) == ["10_my_trigger/fox.caption", "plain/fox.caption"]
+        got = {n: zf.read(n).decode() for n in zf.namelist()}
+    trigger, plain = got["10_my_trigger/fox.caption"].split(" | "), got["plain/fox.caption"].split(" | ")
+    assert trigger[:3] == ["my_trigger", "trigger word", "fox"] and plain[:2] == ["trigger word", "fox"]
+    assert "tail" not in plain and "fox" not in plain[2:] and 1 <= len(plain) - 2 <= 5
+    # species at -1 (p >= 0) pass whatever the threshold of the rest
+    key = web.add_image(fixture_files["image"].read_bytes(), "fox.png")
+    species = batch_captions(jtp, None, category_thresholds="species=-1").rule_changes
+    probs = web.probabilities(jtp, key, 1024)
+    passed, rest = (set(jtp.rules(0.99, mode="off", **changes).classify(probs)) for changes in (species, {}))
+    assert passed == {t for t in jtp.labels if jtp.category_name(t) == "species"} | rest != rest
+    # the very files inference.py writes with the same flags, from the same folders
+    run = subprocess.run([sys.executable, str(ROOT / "inference.py"), *server_args(fixture_files, models=("model",)),
+                          "-t", "0.0", "-i", "inherit", "-w", "0", *BATCH_FLAGS, "-r", str(tree)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert got == {n: (tree / n).read_text(encoding="utf-8") for n in got}
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("extension", "png", "Caption extension: --caption-extension 'png': that is an image extension"),
+    ("extension", "a/b", "Caption extension: --caption-extension 'a/b': an extension such as .txt"),
+    ("replace", "fox", "Replace tags: expected OLD=NEW, got 'fox'"),
+    ("category_thresholds", "character", "Category thresholds: expected CATEGORY=THRESHOLD such as character=0.7, "
+                                         "got 'character'"),
+    ("category_thresholds", "general=2", "Category thresholds: Threshold must be between -1.0 and 1.0."),
+    ("category_thresholds", "nope=0.5", "Category thresholds: unknown category 'nope'; choose from general"),
+    ("max_tags", -1, "Max tags must be a whole number (0 = no limit), got -1."),
+    ("max_tags", 2.5, "Max tags must be a whole number (0 = no limit), got 2.5."),
+    ("max_tags", "many", "Max tags must be a whole number (0 = no limit), got 'many'."),
+])
+def test_batch_caption_options_refuse_bad_values_in_the_clis_words(web, jtp, field, value, message):
+    from hydra.web.batch import batch_captions
+    from hydra.web.handlers import Handlers, ui_errors
+
+    with pytest.raises(UserError) as e:
+        batch_captions(jtp, None, **{field: value})
+    assert str(e.value).startswith(message)
+    if field in ("replace", "category_thresholds") and "=2" not in str(value) and "nope" not in str(value):
+        from hydra import cli  # the same words as inference.py's flag
+
+        with pytest.raises(Exception) as flag_error:
+            (cli.replacement if field == "replace" else cli.category_threshold)(value)
+        assert str(e.value).endswith(str(flag_error.value))
+    # through the page's handler: a message in the UI before any image is read, not a traceback
+    import gradio as gr
+
+    kwargs = {{"extension": "caption_extension", "replace": "replace_tags"}.get(field, field): value}
+    with pytest.raises(gr.Error) as shown:
+        ui_errors(Handlers(web).on_batch)(["no-such-file.png"], 0.0, "Threshold slider", None, "off", [], 1024,
+                                          **kwargs)
+    assert shown.value.message.startswith(html.escape(message))
+
+
+def test_batch_category_thresholds_need_categories_and_thresholds(web, jtp):
+    from hydra.web.batch import batch_captions
+
+    with pytest.raises(UserError, match=re.escape("keeps the top 30 tags (Select tags by: Top k); choose a "
+                                                  "threshold or a calibration instead")):
+        batch_captions(jtp, 30, category_thresholds="character=0.5")
+    with pytest.raises(UserError, match="Category thresholds: --category-threshold needs tag categories"):
+        batch_captions(web.model("dino-plain.safetensors"), None, category_thresholds="general=0.5")
+    assert batch_captions(jtp, 30).rule_changes == {"max_tags": None}  # nothing asked, nothing changed
+
+
 def test_batch_limits(web, jtp, fixture_files, tmp_path):
     from hydra.web.service import WebService
 
@@ -448,12 +540,33 @@ def test_batch_limits(web, jtp, fixture_files, tmp_path):
     (["-M", "{model}", "--vocab", "{plain_vocab}"], "1 --vocab for 0 DINOv3 tagger checkpoint(s)"),
     (["-M", "{dino}", "-e", "{extension}"], "-e is for JTP-3 Hydra and Hydra 3.5 models, and none is configured"),
     (["-M", "{model}", "-M", "{dino_plain}"], "give its vocabulary with --vocab"),
+    # inference.py's refusal of the other family's size flag, word for word
+    (["-M", "{dino}", "-S", "512"], "-S does not apply to '{dino}', a DINOv3 tagger model: its max size is --max-size"),
+    (["-M", "{model}", "--max-size", "512"], "--max-size does not apply to '{model}', a JTP-3 Hydra model: its "
+                                             "sequence length is -S"),
+    (["-M", "{dino}", "-M", "{dino_plain}", "--vocab", "{plain_vocab}", "--seqlen", "512"],  # no model uses -S
+     "-S does not apply to '{dino}'"),
 ])
 def test_startup_fails_in_one_line_before_serving(fixture_files, capsys, flags, message):
     args = app.build_parser().parse_args([f.format(**fixture_files) for f in flags])
     assert app.main(args) == 2  # nothing is served
     err = capsys.readouterr().err
-    assert err.count("error: ") == 1 and message in err and "Traceback" not in err
+    assert err.count("error: ") == 1 and message.format(**fixture_files) in err and "Traceback" not in err
+
+
+def test_size_flags_go_to_the_models_that_use_them(fixture_files):
+    args = app.build_parser().parse_args(server_args(fixture_files, "-S", "512", "--max-size", "640"))
+    web = app.make_web(args)
+    try:
+        assert [(m.family.size.name, m.default_size) for m in web.models.values()] == [("seqlen", 512),
+                                                                                        ("max_size", 640)]
+    finally:
+        web.close()
+    web = app.make_web(app.build_parser().parse_args(server_args(fixture_files, "-S", "256")))
+    try:  # the DINOv3 model keeps its default
+        assert [m.default_size for m in web.models.values()] == [256, 1024]
+    finally:
+        web.close()
 
 
 def test_busy_port_is_reported_before_the_models_load(fixture_files, capsys, monkeypatch):
@@ -559,6 +672,9 @@ def test_api_tag_multipart(server):
     probs = [t["probability"] for t in body["tags"]]
     assert probs == sorted(probs, reverse=True) and min(probs) >= from_symmetric(-0.5)
     assert all(set(t) == {"tag", "probability", "category"} for t in body["tags"])
+    # the response names its numbers: probabilities, and the threshold given on the symmetric scale with its p
+    assert body["scale"] == "probability"
+    assert body["selection"] == {"threshold": -0.5, "threshold_scale": "symmetric", "min_probability": 0.25}
     cats = {t["tag"]: t["category"] for t in body["tags"]}
     assert cats.get("fox", "species") == "species" and cats.get(EXTENSION_TAG, "general") == "general"
     assert body["caption"] == format_caption({t["tag"]: t["probability"] for t in body["tags"]})
@@ -566,6 +682,24 @@ def test_api_tag_multipart(server):
     assert {t["tag"] for t in high["tags"]} <= {t["tag"] for t in body["tags"]}
     no_species = api_tag(url, image, threshold="-0.5", exclude="species,meta").json()
     assert no_species["tags"] and all(t["category"] not in ("species", "meta") for t in no_species["tags"])
+
+
+def test_api_takes_the_batch_tabs_caption_options(server):
+    url, files, _ = server
+    image = files["image"].read_bytes()
+    every = api_tag(url, image, threshold="-0.5").json()["tags"]
+    body = api_tag(url, image, threshold="-0.5", prefix="my trigger", max_tags="3", separator=" | ",
+                   underscores="true", undesired_tags=every[0]["tag"].replace("_", " "), replace_tags="x=y").json()
+    assert [t["tag"] for t in body["tags"]] == [t["tag"] for t in every[1:4]]  # the next three most probable
+    assert body["notes"] == ["-a/-A/--replace-tag: 1 name the model has no tag for, ignored: 'x'"]
+    assert body["caption"] == " | ".join(["my trigger", *(t["tag"].replace("(", "\\(").replace(")", "\\)")
+                                                          for t in body["tags"])])
+    for fields, message in (({"replace_tags": "fox"}, "Replace tags: expected OLD=NEW, got 'fox'"),
+                            ({"max_tags": "-2"}, "Max tags must be a whole number"),
+                            ({"underscores": "maybe"}, "'underscores' must be true or false."),
+                            ({"topk": "5", "category_thresholds": "species=0.2"}, "keeps the top 5 tags")):
+        bad = api_tag(url, image, **fields)
+        assert bad.status_code == 400 and message in bad.json()["error"], bad.text
 
 
 def test_api_dinov3_model_field(server):
@@ -583,7 +717,9 @@ def test_api_dinov3_model_field(server):
     assert len(every) == len(DINO_TAGS)
     no_species = api_tag(url, image, model=DINO, threshold="-1", exclude="species").json()["tags"]
     assert no_species and len(no_species) < len(every) and all(t["category"] != "species" for t in no_species)
-    assert len(api_tag(url, image, model=DINO, topk="3").json()["tags"]) == 3
+    three = api_tag(url, image, model=DINO, topk="3").json()
+    assert len(three["tags"]) == 3 and (three["scale"], three["selection"]) == ("probability", {"topk": 3})
+    assert body["selection"] == {"topk": 30}  # the DINOv3 default, named
     top = api_tag(url, image, topk="4").json()  # top k works for JTP-3 too; no model = the first one
     assert top["model"] == "model.safetensors" and len(top["tags"]) == 4
 
@@ -593,6 +729,7 @@ def test_api_default_uses_calibration_csv(server):
     body = api_tag(url, files["image"].read_bytes()).json()
     calibrated = set(load_calibration(files["calibration"]))
     assert {t["tag"] for t in body["tags"]} <= calibrated
+    assert body["selection"] == {"calibration": "calibration.csv"} and body["scale"] == "probability"
 
 
 def test_api_url_fetch(server, image_server):
@@ -888,6 +1025,7 @@ def test_gradio_client_bad_uploads_are_messages(client, server):
 
 def test_gradio_client_batch(client, server, tmp_path):
     from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
 
     _, files, _ = server
     zpath = tmp_path / "two.zip"
@@ -905,3 +1043,14 @@ def test_gradio_client_batch(client, server, tmp_path):
     with zipfile.ZipFile(zip_out) as zf:
         assert [len(zf.read(n).decode().split(", ")) for n in sorted(zf.namelist())] == [3, 3]
     assert Path(csv_out).read_text(encoding="utf-8").splitlines()[0] == ",".join(["filename", *DINO_TAGS])
+    # the caption options by name, as the page sends them
+    zip_out, _, summary = client.predict([handle_file(str(zpath))], 0.0, "Top k", "off", [], 1024, model=DINO,
+                                         topk=3, caption_extension="caption", prefix="my trigger", max_tags=2,
+                                         separator=" | ", api_name="/batch")
+    with zipfile.ZipFile(zip_out) as zf:
+        assert sorted(zf.namelist()) == ["a/fox.caption", "b/other.caption"]
+        assert [zf.read(n).decode().split(" | ")[0] for n in sorted(zf.namelist())] == ["my trigger"] * 2
+        assert [len(zf.read(n).decode().split(" | ")) for n in sorted(zf.namelist())] == [3, 3]
+    with pytest.raises(AppError, match="Replace tags: expected OLD=NEW"):
+        client.predict([handle_file(str(zpath))], 0.0, "Top k", "off", [], 1024, replace_tags="fox",
+                       api_name="/batch")

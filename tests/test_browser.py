@@ -4,7 +4,8 @@ It uploads an image, reads the tags, moves the threshold (the tag counts must eq
 a tag to show its CAM, saves a screenshot and checks that the overlay is in it, switches the model selector
 (two models are served) to the DINOv3 tagger (its top 30, max size instead of sequence length, no CAM),
 uploads a corrupt file (a message, not a traceback), and checks that the page fetched nothing from outside
-127.0.0.1 (offline).
+127.0.0.1 (offline). A stale error (a corrupt upload, a bad batch caption option) is gone once the next request
+succeeds, at desktop and phone sizes.
 
 Needs /usr/bin/chromium (`apt-get install -y chromium`); never `playwright install`. Set
 HYDRA_WEBUI_SCREENSHOT=docs/webui.png to refresh the README screenshot.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import time
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -138,6 +140,67 @@ def test_browser_upload_threshold_cam_screenshot(server, tmp_path):
     outside = [u for u in requests_seen if urlsplit(u).scheme not in ("data", "blob")
                and urlsplit(u).hostname not in ("127.0.0.1", "localhost")]
     assert requests_seen and not outside, outside
+
+
+ERROR_TOAST = ".toast-body.error"
+TOAST_SECONDS = 10  # gr.Error's own duration: a toast that goes sooner than this after it appeared was closed
+
+
+def errors_gone_before_their_timeout(page, shown: float) -> None:
+    """Every error toast leaves the page (its close animation included) well before it would time out by itself,
+    `TOAST_SECONDS` after `shown`: so the page closed it."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    left = TOAST_SECONDS - 2 - (time.monotonic() - shown)
+    assert left > 0, "the good request took too long to tell closing from the toast's own timeout"
+    try:
+        page.wait_for_selector(ERROR_TOAST, state="detached", timeout=left * 1000)
+    except PlaywrightTimeout:
+        pytest.fail(f"error messages left after a good request: {page.locator(ERROR_TOAST).all_inner_texts()}")
+
+
+@pytest.mark.parametrize("width, height", [(1400, 1000), (390, 844)])
+def test_browser_stale_errors_clear_when_a_good_result_arrives(server, tmp_path, width, height):
+    """An error message (a corrupt upload; a bad batch caption option) is gone once the next request succeeds."""
+    from playwright.sync_api import sync_playwright
+
+    url, files = server
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url, wait_until="load")
+
+            # image tab: a corrupt upload shows an error, then a good upload replaces it with results
+            page.locator("#image input[type=file]").set_input_files(str(files["corrupt"]))
+            page.wait_for_selector(f"{ERROR_TOAST}:has-text('Not a usable image')")
+            shown = time.monotonic()
+            # the failed upload's status overlay covers the image's buttons: click the remove button directly
+            page.locator("#image button[aria-label='Remove Image']").first.dispatch_event("click")
+            page.locator("#image input[type=file]").set_input_files(str(files["image"]))
+            page.wait_for_function("document.querySelector('#caption textarea').value.length > 0")
+            errors_gone_before_their_timeout(page, shown)
+
+            # batch tab: a bad category threshold is a message in the CLI's words; fixed, the batch runs and the
+            # message goes
+            page.get_by_role("tab", name="Batch").click()
+            page.locator("#batch-files input[type=file]").set_input_files(str(files["image"]))
+            page.locator("#batch-options").get_by_text("Caption options").click()
+            field = page.locator("#category-thresholds textarea")
+            field.fill("character")
+            page.locator("#batch-run").click()
+            page.wait_for_selector(f"{ERROR_TOAST}:has-text('expected CATEGORY=THRESHOLD such as character=0.7')")
+            shown = time.monotonic()
+            page.screenshot(path=str(tmp_path / f"batch-error-{width}.png"), full_page=True)
+            field.fill("character=0.7")
+            page.locator("#batch-run").click()
+            page.wait_for_selector("#batch-status:has-text('Tagged 1 image, 0 failed.')",
+                                   timeout=TOAST_SECONDS * 1000)  # any longer could not tell closing from timing out
+            errors_gone_before_their_timeout(page, shown)
+            page.screenshot(path=str(tmp_path / f"batch-{width}.png"), full_page=True)
+        finally:
+            browser.close()
 
 
 def check_overlay(plain: np.ndarray, shown: np.ndarray) -> None:

@@ -109,6 +109,35 @@ def test_argument_types():
         category_threshold("general=2")
 
 
+def test_option_text_parsed_once_for_the_cli_and_the_web_form(capsys):
+    """hydra/tags/caption_options.py: plain ValueErrors (the web form's), which the argparse types wrap."""
+    from hydra.tags import caption_options as options
+
+    assert options.parse_replacement(" a b = c ") == ("a b", "c")
+    assert options.parse_category_threshold("character=0.7") == ("character", pytest.approx(0.85))
+    assert options.split_tags(" text,, signature , ") == ["text", "signature"]
+    for parse, bad in ((options.parse_replacement, "a="), (options.parse_category_threshold, "x=y")):
+        with pytest.raises(ValueError) as plain:
+            parse(bad)
+        with pytest.raises(Exception) as flag:  # argparse.ArgumentTypeError: the same words
+            (replacement if parse is options.parse_replacement else category_threshold)(bad)
+        assert str(plain.value) == str(flag.value) and type(flag.value) is not ValueError
+    meta = TagMetadata(dict(zip(LABELS, [0, 5, 0, 4, 0, 7])), {t: () for t in LABELS})
+    options.check_category_thresholds({}, None, 30, "")  # nothing asked: nothing to refuse
+    with pytest.raises(ValueError, match=r"keeps the top 30 tags \(here\)"):
+        options.check_category_thresholds({"character": 0.5}, meta, 30, "(here)")
+    with pytest.raises(ValueError, match="unknown category 'nope'"):
+        options.check_category_thresholds({"nope": 0.5}, meta, None, "")
+    # replacements in either spelling; the ones the model lacks go to `warn` (the web summary), not stderr
+    notes = []
+    f = options.caption_spelling(LABELS, meta, lambda t: t, CaptionStyle(), aliases={"blue eyes": "azure", "x": "y"},
+                                 separator=" | ", warn=notes.append)
+    assert f.caption({"anthro": 0.9, "blue_eyes": 0.8}) == "anthro | azure"
+    assert options.undesired_labels(f, ["Anthro", "zzz"], notes.append) == ["anthro"]
+    assert len(notes) == 2 and "'x'" in notes[0] and "--undesired-tags" in notes[1] and "'zzz'" in notes[1]
+    assert capsys.readouterr().err == ""
+
+
 def test_caption_extension_and_paths(tmp_path):
     assert caption_extension("caption") == caption_extension(".caption") == ".caption"
     for bad in ("a/b", "..", ".", "x\\y", ".png", "JPG"):

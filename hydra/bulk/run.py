@@ -176,8 +176,13 @@ class CaptionOptions:
         """The items every caption of this image's folder starts with: the kohya folder's trigger word."""
         if not self.trigger_from_folder:
             return []
-        match = KOHYA_FOLDER.fullmatch(os.path.basename(os.path.dirname(os.path.abspath(image_path))))
-        return [match.group(2)] if match and match.group(2).strip() else []
+        return folder_trigger(os.path.basename(os.path.dirname(os.path.abspath(image_path))))
+
+
+def folder_trigger(folder: str) -> list[str]:
+    """`--trigger-from-folder`: `[name]` for a kohya `N_name` folder name, else `[]`."""
+    match = KOHYA_FOLDER.fullmatch(folder)
+    return [match.group(2)] if match and match.group(2).strip() else []
 
 
 @dataclass

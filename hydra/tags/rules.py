@@ -365,9 +365,9 @@ class TagNames:
             return renamed
         return self._by_key.get(tag_key(renamed))
 
-    def resolve(self, names: Iterable[str], what: str = "tags") -> list[str]:
+    def resolve(self, names: Iterable[str], what: str = "tags", warn: Callable[[str], None] | None = None) -> list[str]:
         """The labels of `names`, in order, without repeats; names that are no label are left out and named in
-        one warning line on stderr (`what` says which option they came from)."""
+        one warning line (`what` says which option they came from), given to `warn` (default: stderr)."""
         found, unknown = [], []
         for name in dict.fromkeys(names):
             label = self.find(name)
@@ -376,7 +376,7 @@ class TagNames:
             from hydra.common import log
 
             shown = ", ".join(map(repr, unknown[:10])) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
-            log(f"warning: {what}: {len(unknown)} name{'s' * (len(unknown) != 1)} the model has no tag for, "
+            (warn or log)(f"warning: {what}: {len(unknown)} name{'s' * (len(unknown) != 1)} the model has no tag for, "
                 f"ignored: {shown}")
         return list(dict.fromkeys(found))
 

@@ -28,6 +28,7 @@ from hydra.bulk.loader import describe_error
 from hydra.common import log
 from hydra.models.vocab import E621_CATEGORY_NAMES, UNASSIGNED
 from hydra.tags.rules import TagRules, from_symmetric
+from hydra.web.batch import batch_captions
 from hydra.web.model import (
     SOURCE_MODEL,
     SOURCE_SLIDER,
@@ -94,10 +95,11 @@ class Handlers:
 
     # -- the two steps every handler shares ---------------------------------------------------------
 
-    def resolve(self, s: Settings) -> tuple[WebModel, int, TagRules]:
+    def resolve(self, s: Settings, **changes) -> tuple[WebModel, int, TagRules]:
+        """The model, its size and validated rules (`changes`: more `TagSettings` fields, as `WebModel.rules`)."""
         m = self.web.model(s.model)
         rules = m.rules(s.threshold, s.source, (s.calibration or {}).get(m.name), s.mode, s.exclude, s.topk,
-                        s.metric)
+                        s.metric, **changes)
         return m, m.size(s.size_value(m)), rules
 
     def render(self, key: str | None, s: Settings) -> tuple:
@@ -201,12 +203,19 @@ class Handlers:
                 gr.Markdown(visible=not cam), gr.Textbox(visible=m.embedded), plain)
 
     def on_batch(self, files, threshold, source, calibration, mode, exclude, seqlen, model=None, max_size=None,
-                 topk=None, metric=None, progress=gr.Progress()):  # noqa: B008
-        m, size, rules = self.resolve(Settings(threshold, source, calibration, mode, exclude, seqlen, model,
-                                               max_size, topk, metric))
+                 topk=None, metric=None, caption_extension=None, prefix=None, trigger_from_folder=False,
+                 undesired_tags=None, replace_tags=None, category_thresholds=None, max_tags=None, separator=None,
+                 underscores=False, progress=gr.Progress()):  # noqa: B008
+        s = Settings(threshold, source, calibration, mode, exclude, seqlen, model, max_size, topk, metric)
+        m, size, rules = self.resolve(s)  # the shared settings first: their errors come first
+        captions = batch_captions(m, rules.topk, extension=caption_extension, prefix=prefix,
+                                  trigger_from_folder=trigger_from_folder, undesired=undesired_tags,
+                                  replace=replace_tags, category_thresholds=category_thresholds, max_tags=max_tags,
+                                  separator=separator, underscores=underscores)
+        m, size, rules = self.resolve(s, **captions.rule_changes)
         progress(0, desc="Reading")
         return self.web.batch(m, files or [], rules, size,
-                              lambda done, total: progress((done, total), desc="Tagging", unit="images"))
+                              lambda done, total: progress((done, total), desc="Tagging", unit="images"), captions)
 
 
 # -- what the handlers show ------------------------------------------------------------------------------

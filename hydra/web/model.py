@@ -146,7 +146,7 @@ class WebModel:
     def rules(self, threshold: float | str | None = DEFAULT_THRESHOLD, source: str = SOURCE_SLIDER,
               calibration: dict[str, float] | None = None, mode: str | None = None,
               exclude: list[str] | None = None, topk: float | str | None = None,
-              metric: str | None = None) -> TagRules:
+              metric: str | None = None, **changes) -> TagRules:
         """Validated request settings -> TagRules (the CLI's own classification).
 
         Args:
@@ -155,6 +155,8 @@ class WebModel:
                 model's validation counts with `metric`), SOURCE_UPLOAD (`calibration`) or SOURCE_TOPK (the `topk`
                 most probable tags; None = this model's default).
             mode: implications mode (None = the model's default); exclude: category names.
+            changes: more `TagSettings` fields, already validated (the batch tab's `exclude_tags`,
+                `category_thresholds`, `max_tags`).
         """
         k = None
         if source == SOURCE_TOPK:
@@ -192,7 +194,7 @@ class WebModel:
             raise UserError(f"Unknown category {bad[0]!r}; choose from {', '.join(choices)}.")
         if exclude and not self.has_categories:
             raise UserError(f"Category exclusion needs tag categories, which '{self.name}' does not have.")
-        return self.settings.rules(threshold=thresholds, mode=mode, exclude=list(exclude or []), topk=k)
+        return self.settings.rules(threshold=thresholds, mode=mode, exclude=list(exclude or []), topk=k, **changes)
 
     def load_calibration(self, path: str, shown_name: str | None = None) -> dict[str, float]:
         """A calibration CSV for this model (its tag spelling), with errors the user can act on."""

@@ -5,7 +5,8 @@ The page has a column of tag settings shared by the image and batch tabs, a mode
 model is served, and for each model only the controls it supports, read from its family: the size slider its
 size control names (sequence length or long-edge cap), implications and category exclusion when it has the
 data, the CAM when it has one. Switching the model swaps those controls, then re-filters: the new model runs
-once per image and size, the old one's probabilities stay cached.
+once per image and size, the old one's probabilities stay cached. The batch tab adds inference.py's caption
+options (`BATCH_CAPTION_OPTIONS`, parsed in `hydra/web/batch.py`).
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ CSS = f"""
 """
 # Runs once on page load. Typing in the CAM tag picker replaces the shown tag instead of appending to it (Gradio
 # keeps the current value in the search box): its text is selected on focus. Each new request of the image tab
-# (upload, fetch, a settings change) closes the error messages left from earlier ones, so a stale error never
-# sits beside fresh results.
+# (upload, fetch, a settings change) or of the batch tab ("Tag all") closes the error messages left from earlier
+# ones, so a stale error never sits beside fresh results.
 JS = """
 () => {
   let fresh = null;
@@ -75,7 +76,7 @@ JS = """
   };
   document.addEventListener("change", fresh_request, true);
   document.addEventListener("click", (e) => {
-    if (e.target.closest && e.target.closest("#fetch")) clearErrors();
+    if (e.target.closest && e.target.closest("#fetch, #batch-run")) clearErrors();
   }, true);
   document.addEventListener("drop", fresh_request, true);
 }
@@ -186,10 +187,42 @@ def _image_tab(web: WebService) -> dict:
     return c
 
 
+# The batch tab's caption options, in the order of `Handlers.on_batch`'s parameters: inference.py's flags of the
+# same names (README "Coming from kohya / TagGUI"), parsed by the same functions. Each has an initial value, so
+# gradio_client callers of /batch may leave them out.
+BATCH_CAPTION_OPTIONS = ("caption_extension", "prefix", "trigger_from_folder", "undesired_tags", "replace_tags",
+                         "category_thresholds", "max_tags", "separator", "underscores")
+
+
 def _batch_tab() -> dict:
     c = {"files": gr.File(label="Images, or .zip files of images", file_count="multiple",
-                          file_types=["image", ".zip"], type="filepath"),
-         "run": gr.Button("Tag all", variant="primary"), "batch_status": gr.Markdown()}
+                          file_types=["image", ".zip"], type="filepath", elem_id="batch-files")}
+    with gr.Accordion("Caption options (as inference.py)", open=False, elem_id="batch-options"):
+        with gr.Row():
+            c["caption_extension"] = gr.Textbox(".txt", label="Caption extension (--caption-extension)",
+                                                elem_id="caption-extension", info="e.g. .txt or .caption")
+            c["max_tags"] = gr.Number(0, label="Max tags (--max-tags)", minimum=0, precision=0, elem_id="max-tags",
+                                      info="The N most probable that pass; 0 = no limit")
+        c["prefix"] = gr.Textbox("", label="Always first (-p)", placeholder="trigger, anthro", elem_id="prefix",
+                                 info="Tags or trigger words every caption starts with, comma-separated; a tag "
+                                      "named here is not repeated.")
+        c["trigger_from_folder"] = gr.Checkbox(label="Trigger word from kohya N_name/ folders in zips "
+                                               "(--trigger-from-folder)", elem_id="trigger-from-folder")
+        c["undesired_tags"] = gr.Textbox("", label="Undesired tags (--undesired-tags)", elem_id="undesired-tags",
+                                         placeholder="text, signature, watermark",
+                                         info="Never output; e621 or caption spelling, comma-separated.")
+        c["replace_tags"] = gr.Textbox("", label="Replace tags (--replace-tag)", placeholder="male=man, female=woman",
+                                       elem_id="replace-tags", info="OLD=NEW, separated by commas or new lines.")
+        c["category_thresholds"] = gr.Textbox("", label="Category thresholds (--category-threshold)",
+                                              placeholder="character=0.7, general=0.35", elem_id="category-thresholds",
+                                              info="CATEGORY=T on the slider's symmetric -1..1 scale (p >= (T+1)/2); "
+                                                   "replaces the threshold or calibration for that category.")
+        with gr.Row():
+            c["separator"] = gr.Textbox("", label="Separator (--separator)", placeholder=", ", elem_id="separator",
+                                        info="Between caption tags; empty = ', ' (' ' with underscores)")
+            c["underscores"] = gr.Checkbox(label="Keep underscores (-u; off = --spaces)", elem_id="underscores")
+    c["run"] = gr.Button("Tag all", variant="primary", elem_id="batch-run")
+    c["batch_status"] = gr.Markdown(elem_id="batch-status")
     with gr.Row():
         c["zip_out"] = gr.File(label="Captions (.zip)")
         c["csv_out"] = gr.File(label="Probabilities (.csv)")
@@ -235,8 +268,9 @@ def _wire(h: Handlers, c: dict) -> None:
     c["cam_tag"].change(on["on_cam"], cam_inputs, c["image"], api_name="cam", show_progress="minimal")
     c["depth"].release(on["on_cam"], cam_inputs, c["image"], **private)
     c["tag_list"].select(h.on_select, [c["model"]], c["cam_tag"], **private)
-    c["run"].click(on["on_batch"], [c["files"], *controls, *later], [c["zip_out"], c["csv_out"], c["batch_status"]],
-                   api_name="batch", concurrency_limit=1, concurrency_id="batch")
+    c["run"].click(on["on_batch"], [c["files"], *controls, *later, *(c[k] for k in BATCH_CAPTION_OPTIONS)],
+                   [c["zip_out"], c["csv_out"], c["batch_status"]], api_name="batch", concurrency_limit=1,
+                   concurrency_id="batch")
 
 
 CAM_INFO = ("Type to search, or click a tag in the tag list. On the image: green = evidence for the tag, red = "

@@ -25,10 +25,19 @@ from hydra.bulk.loader import describe_error
 from hydra.common import log
 from hydra.fetch import FetchError, fetch_url
 from hydra.images.decode import open_image
-from hydra.tags.rules import TagRules
+from hydra.tags.rules import TagRules, from_symmetric
 from hydra.web import batch as batches
 from hydra.web.cam import block_outputs, class_activation_map, display_image, draw_overlay
-from hydra.web.model import SOURCE_MODEL, SOURCE_SLIDER, SOURCE_TOPK, UserError, WebModel, clamp_int
+from hydra.web.model import (
+    SOURCE_MODEL,
+    SOURCE_SLIDER,
+    SOURCE_TOPK,
+    UserError,
+    WebModel,
+    clamp_int,
+    parse_symmetric,
+    parse_topk,
+)
 
 # Every refused or failed URL fetch shows this one text (the log has the reason): distinct errors would tell a
 # remote client which ports are open on the server's network.
@@ -250,39 +259,46 @@ class WebService:
 
     def tag_request(self, fields: dict, data: bytes | None) -> dict:
         """`POST /api/tag` once the body is parsed: the image bytes (or `url`) and the optional fields
-        `model`, `threshold` or `topk`, `implications`, `exclude`."""
-        model, rules = self.request_settings(fields, data)
+        `model`, `threshold` or `topk` or `metric`, `implications`, `exclude`, and the caption options
+        (`API_CAPTION_FIELDS`, `underscores`)."""
+        model, rules, captions = self.request_settings(fields, data)
         if data is None:
             data = self.fetch(fields["url"])
         if not data:
             raise UserError("The image is empty.")
         sample = self.preprocess(model, data, model.default_size)
         tags = model.classify(self.predict(model, [sample])[0], rules)
-        return {"model": model.name,
+        # "scale" and "selection" say what the numbers are: every score is a probability, and only a threshold
+        # the client gave is on the symmetric scale of JTP-3's tools (named, with the p it means)
+        return {"model": model.name, "scale": "probability", "selection": selection(model, fields),
                 "tags": [{"tag": t, "probability": p, "category": model.category_name(t)} for t, p in tags],
-                "caption": model.caption(tags)}
+                "caption": (captions.captions or model.settings.captions).caption(
+                    dict(sorted(tags, key=lambda tp: model.position[tp[0]])), captions.prefix),
+                **({"notes": list(captions.notes)} if captions.notes else {})}  # option values the model cannot use
 
-    def request_settings(self, fields: dict, data: bytes | None) -> tuple[WebModel, TagRules]:
-        """The model and validated tag rules of an API request (checked before any URL is fetched)."""
+    def request_settings(self, fields: dict, data: bytes | None) -> tuple[WebModel, TagRules, batches.BatchCaptions]:
+        """The model, validated tag rules and caption options of an API request (checked before any URL is
+        fetched). The caption options are the batch tab's (`API_CAPTION_FIELDS`)."""
         model = self.model(_optional_str(fields, "model"))
         if data is None:
             url = fields.get("url")
             if not isinstance(url, str) or not url.strip():
                 raise UserError("Send an 'image' file (multipart/form-data) or a 'url' (JSON or form field).")
         threshold, topk, metric = fields.get("threshold"), fields.get("topk"), _optional_str(fields, "metric")
-        given = [name for name, v in (("threshold", threshold), ("topk", topk), ("metric", metric)) if v not in (None, "")]
-        if len(given) > 1:
-            raise UserError(f"Give either 'threshold' or 'topk' or 'metric', not {' and '.join(map(repr, given))}.")
-        source = {"threshold": SOURCE_SLIDER, "topk": SOURCE_TOPK, "metric": SOURCE_MODEL}.get(
-            given[0] if given else "", model.default_source)
+        source = request_source(model, fields)
         exclude = fields.get("exclude") or []
         if isinstance(exclude, str):
             exclude = [exclude]
         if not isinstance(exclude, list) or not all(isinstance(x, str) for x in exclude):
             raise UserError("'exclude' must be a category name or a list of them.")
         exclude = [c for x in exclude for c in x.replace(",", " ").split()]
-        return model, model.rules(threshold, source, None, _optional_str(fields, "implications"), exclude, topk,
-                                  metric)
+        args = (threshold, source, None, _optional_str(fields, "implications"), exclude, topk, metric)
+        rules = model.rules(*args)
+        given = {name: _optional_str(fields, name) for name in API_CAPTION_FIELDS if name != "max_tags"}
+        captions = batches.batch_captions(model, rules.topk, max_tags=fields.get("max_tags"),
+                                          underscores=_flag(fields, "underscores"),
+                                          **{API_CAPTION_FIELDS[k]: v for k, v in given.items()})
+        return model, model.rules(*args, **captions.rule_changes), captions
 
     def health(self) -> dict:
         """`GET /api/health`: the default model's description at the top level, every model under "models"."""
@@ -290,9 +306,40 @@ class WebService:
         return {"status": "ok", **models[0], "models": models, "model_calls": self.model_calls}
 
     def batch(self, model: WebModel, paths: list[str], rules: TagRules, size: int,
-              progress: Callable[[int, int], None] = lambda done, total: None) -> tuple[str, str, str]:
-        """Tag many uploaded images and zips; returns (captions zip, probabilities CSV, summary)."""
-        return batches.tag_uploads(self, model, paths, rules, size, progress)
+              progress: Callable[[int, int], None] = lambda done, total: None,
+              captions: batches.BatchCaptions | None = None) -> tuple[str, str, str]:
+        """Tag many uploaded images and zips; returns (captions zip, probabilities CSV, summary). `captions`: the
+        batch tab's caption options (`batch.batch_captions`; None = the model's captions as `.txt`)."""
+        return batches.tag_uploads(self, model, paths, rules, size, progress, captions)
+
+
+def request_source(model: WebModel, fields: dict) -> str:
+    """How an API request selects tags: by the one of `threshold`, `topk`, `metric` it gives, else the model's
+    default."""
+    given = [name for name in ("threshold", "topk", "metric") if fields.get(name) not in (None, "")]
+    if len(given) > 1:
+        raise UserError(f"Give either 'threshold' or 'topk' or 'metric', not {' and '.join(map(repr, given))}.")
+    return {"threshold": SOURCE_SLIDER, "topk": SOURCE_TOPK, "metric": SOURCE_MODEL}.get(
+        given[0] if given else "", model.default_source)
+
+
+def selection(model: WebModel, fields: dict) -> dict:
+    """The API response's `selection`: how the tags were chosen, each number named with its scale.
+
+    {"threshold": t, "threshold_scale": "symmetric", "min_probability": p} (t on -1..1, p = (t+1)/2), {"topk": k},
+    or {"calibration": "calibration.csv" | "model", "metric": ...} (per-tag thresholds on p).
+    """
+    from hydra.calibration.embedded import DEFAULT_METRIC, parse_metric
+
+    source = request_source(model, fields)
+    if source == SOURCE_SLIDER:
+        t = parse_symmetric(fields.get("threshold"))
+        return {"threshold": t, "threshold_scale": "symmetric", "min_probability": from_symmetric(t)}
+    if source == SOURCE_TOPK:
+        return {"topk": parse_topk(fields.get("topk") or model.default_topk)}
+    if source == SOURCE_MODEL:
+        return {"calibration": "model", "metric": str(parse_metric(_optional_str(fields, "metric") or DEFAULT_METRIC))}
+    return {"calibration": "calibration.csv"}
 
 
 def sweep(root: str, max_age: float, keep: set[str] = frozenset()) -> int:
@@ -316,6 +363,21 @@ def sweep(root: str, max_age: float, keep: set[str] = frozenset()) -> int:
             except OSError:
                 pass
     return deleted
+
+
+# The /api/tag fields of the batch tab's caption options (inference.py's flags) -> `batch_captions` parameters;
+# plus `underscores` (true/false). The caption extension and folder trigger words have no use for one image.
+API_CAPTION_FIELDS = {"prefix": "prefix", "undesired_tags": "undesired", "replace_tags": "replace",
+                      "category_thresholds": "category_thresholds", "max_tags": "max_tags", "separator": "separator"}
+
+
+def _flag(fields: dict, name: str) -> bool:
+    value = fields.get(name)
+    if value in (None, "", False, True):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "false", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise UserError(f"'{name}' must be true or false.")
 
 
 def _optional_str(fields: dict, name: str) -> str | None:
