@@ -486,6 +486,9 @@ def test_batch_caption_options_write_what_inference_py_writes(web, jtp, fixture_
     ("max_tags", -1, "Max tags must be a whole number (0 = no limit), got -1."),
     ("max_tags", 2.5, "Max tags must be a whole number (0 = no limit), got 2.5."),
     ("max_tags", "many", "Max tags must be a whole number (0 = no limit), got 'many'."),
+    ("max_tags", "inf", "Max tags must be a whole number (0 = no limit), got 'inf'."),
+    ("max_tags", float("inf"), "Max tags must be a whole number (0 = no limit), got inf."),
+    ("max_tags", "nan", "Max tags must be a whole number (0 = no limit), got 'nan'."),
 ])
 def test_batch_caption_options_refuse_bad_values_in_the_clis_words(web, jtp, field, value, message):
     from hydra.web.batch import batch_captions
@@ -658,7 +661,9 @@ def test_health_reports_model_and_tags(server):
                                  "cam", "extensions")} == {
         "model": DINO, "family": "dinov3", "tags": len(DINO_TAGS), "max_size": 1024, "calibration": False,
         "categories": True, "implications": False, "cam": False, "extensions": []}
-    log = (folder / "server.log").read_text()
+    deadline = time.monotonic() + 30  # the API answers while app.py is still printing its start-up lines
+    while "Serving the web UI on" not in (log := (folder / "server.log").read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert "Serving the web UI on http://127.0.0.1:" in log
     assert "Model 1 of 2: model.safetensors (JTP-3 Hydra)" in log and f"Model 2 of 2: {DINO} (DINOv3 tagger)" in log
 
@@ -696,6 +701,7 @@ def test_api_takes_the_batch_tabs_caption_options(server):
                                                           for t in body["tags"])])
     for fields, message in (({"replace_tags": "fox"}, "Replace tags: expected OLD=NEW, got 'fox'"),
                             ({"max_tags": "-2"}, "Max tags must be a whole number"),
+                            ({"max_tags": "1e999"}, "Max tags must be a whole number"),
                             ({"underscores": "maybe"}, "'underscores' must be true or false."),
                             ({"topk": "5", "category_thresholds": "species=0.2"}, "keeps the top 5 tags")):
         bad = api_tag(url, image, **fields)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import posixpath
 import tempfile
@@ -134,7 +135,7 @@ def _max_tags(value) -> int | None:
         n = float(0 if value is None or value == "" else value)
     except (TypeError, ValueError):
         n = float("nan")
-    if isinstance(value, bool) or not (n >= 0 and n == int(n)):  # also false for NaN and inf
+    if isinstance(value, bool) or not (math.isfinite(n) and n >= 0 and n == int(n)):
         raise UserError(f"Max tags must be a whole number (0 = no limit), got {value!r}.")
     return int(n) or None
 
