@@ -740,8 +740,9 @@ def run_all(args: argparse.Namespace, runs: list[Run], models: dict[str, str], f
         for i, run in enumerate(runs):
             tokens = folder_tokens(folders[run.folder], run.seqlen)
             report["folders"].setdefault(run.folder, {})[run.seqlen] = sorted(tokens.values())
-            print(f"[{rep * len(runs) + i + 1}/{args.repeat * len(runs)}] {run.family} {run.mode} {run.device} "
-                  f"{run.folder} seqlen {run.seqlen} batch {run.batch}", file=sys.stderr, flush=True)
+            print(f"[{rep * len(runs) + i + 1}/{args.repeat * len(runs)}] {run.family} {run.mode}"
+                  f"{' -c' if run.compile else ''}{'' if run.fold else ' nofold'} {run.device} {run.folder} "
+                  f"seqlen {run.seqlen} batch {run.batch}", file=sys.stderr, flush=True)
             attempt = dataclasses.replace(run)
             rows, facts = execute(run_command(run, models[run.family], folders[run.folder], out), args.timeout, out,
                                   None if run.fold else {"HYDRA_NO_FOLD": "1"})
