@@ -6,6 +6,7 @@ Everything a user reads while a run is going goes to stderr; stdout is kept for 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import os
@@ -104,16 +105,56 @@ def target_mode(path: str | os.PathLike) -> int:
     return stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else new_file_mode()
 
 
+# Temporary files that exist now (`temp_beside`), so that one an interrupt strands between two bytecodes (after
+# mkstemp, before the caller's `try`, or between a commit's close and rename) is still removed at exit.
+_LIVE_TEMPS: set[str] = set()
+_DEFERRED_SIGNALS = {getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)}
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP back for the block (their Python handlers run right after it); no-op where
+    the platform cannot (Windows)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def forget_temp(tmp: str) -> None:
+    """`tmp` (from `temp_beside`) has been renamed into place or removed: no longer ours to clean up."""
+    _LIVE_TEMPS.discard(tmp)
+
+
+if hasattr(os, "register_at_fork"):  # a forked child must never remove its parent's files
+    os.register_at_fork(after_in_child=_LIVE_TEMPS.clear)
+
+
+@atexit.register
+def _remove_stranded_temps() -> None:
+    for tmp in list(_LIVE_TEMPS):
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    _LIVE_TEMPS.clear()
+
+
 def temp_beside(path: str | os.PathLike) -> tuple[int, str]:
     """A new hidden temporary file in `path`'s folder, with the permissions `path` will need.
 
     `mkstemp` creates files readable by their owner only; a caption or model file should get what any new
-    file gets (0666 minus the umask), or keep the mode of the regular file it replaces.
+    file gets (0666 minus the umask), or keep the mode of the regular file it replaces. The file is
+    remembered from the moment it exists until `forget_temp`, and removed at exit if still there.
     """
     path = Path(path)
     mode = target_mode(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with _signals_deferred():  # created and remembered with no interrupt in between
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            _LIVE_TEMPS.add(tmp)
     except OSError as e:  # a missing or read-only folder: say which file could not be written
         raise _naming(e, path) from None
     try:
@@ -173,6 +214,7 @@ class AtomicFile:
             with contextlib.suppress(OSError):  # io.open may have closed it already
                 os.close(fd)
             os.unlink(self.tmp)
+            forget_temp(self.tmp)
             raise
 
     def commit(self) -> None:
@@ -180,6 +222,7 @@ class AtomicFile:
             self.file.close()  # flushes: a short write raises here, before anything is renamed
             if self.tmp is not None:
                 os.replace(self.tmp, self.path)
+                forget_temp(self.tmp)
         except OSError as e:
             self.discard()
             raise _naming(e, self.path) from None
@@ -193,6 +236,7 @@ class AtomicFile:
         if self.tmp is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.tmp)
+            forget_temp(self.tmp)
 
 
 @contextlib.contextmanager

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import stat
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 import torch
-from conftest import FullAtClose
+from conftest import ROOT, FullAtClose
 
 from hydra import common
 from hydra.common import atomic_write, choose_dtype
@@ -195,3 +199,55 @@ def test_a_failed_safetensors_write_leaves_the_old_file_and_no_temporary(tmp_pat
     with pytest.raises(OSError, match="No space"):
         save_safetensors(target, {"t": torch.ones(2)}, {"v": "new"})
     assert target.read_bytes() == before and os.listdir(tmp_path) == ["ext.safetensors"]
+
+
+def _run_child(code: str, tmp_path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_a_temp_file_stranded_by_an_interrupt_is_removed_at_exit(tmp_path):
+    # the interrupt lands after the temporary file exists but before any caller could clean it up
+    code = ("import sys; from hydra.common import temp_beside\n"
+            "temp_beside(sys.argv[1] + '/a.txt')\n"
+            "raise KeyboardInterrupt\n")
+    done = _run_child(code, tmp_path)
+    assert "KeyboardInterrupt" in done.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_sigterm_during_many_atomic_writes_leaves_only_whole_files(tmp_path):
+    code = ("import signal, sys\n"
+            "from hydra.common import atomic_write\n"
+            "def stop(*_): raise SystemExit(130)\n"  # as inference.py's SIGTERM handler
+            "signal.signal(signal.SIGTERM, stop)\n"
+            "print('ready', flush=True)\n"
+            "i = 0\n"
+            "while True:\n"
+            "    with atomic_write(f'{sys.argv[1]}/{i % 50}.txt') as f:\n"
+            "        f.write('x' * 1000)\n"
+            "    i += 1\n")
+    for _ in range(5):  # five interrupts at random points of the write cycle
+        proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                                text=True)
+        assert proc.stdout.readline() == "ready\n"
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130
+        proc.stdout.close()
+        names = os.listdir(tmp_path)
+        assert names and not [n for n in names if n.startswith(".")]
+        assert all((tmp_path / n).read_text() == "x" * 1000 for n in names)
+
+
+def test_a_forked_child_leaves_its_parents_temp_files_alone(tmp_path):
+    code = ("import os, sys; from hydra.common import temp_beside\n"
+            "fd, tmp = temp_beside(sys.argv[1] + '/a.txt')\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    sys.exit(0)\n"  # a normal exit runs atexit handlers in the child
+            "os.waitpid(pid, 0)\n"
+            "print(os.path.exists(tmp))\n")
+    done = _run_child(code, tmp_path)
+    assert done.stdout.strip() == "True", done.stderr
+    assert os.listdir(tmp_path) == []  # and the parent's own exit removed it

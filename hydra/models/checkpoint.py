@@ -252,7 +252,7 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor
     gets under the umask (safetensors writes its own private temporary file and renames it, giving 0600)."""
     from safetensors.torch import save_file
 
-    from hydra.common import target_mode, temp_beside, write_target
+    from hydra.common import forget_temp, target_mode, temp_beside, write_target
 
     path, direct = write_target(path)
     if direct:  # safetensors' save_file would replace the path; write the serialised bytes into it instead
@@ -269,7 +269,9 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor
         with contextlib.suppress(OSError):  # a file system without Unix permissions
             os.chmod(tmp, mode)
         os.replace(tmp, path)
+        forget_temp(tmp)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        forget_temp(tmp)
         raise
