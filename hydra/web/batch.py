@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 import posixpath
 import tempfile
@@ -36,7 +35,7 @@ from hydra.bulk.run import (
 )
 from hydra.tags import caption_options as options
 from hydra.tags.rules import CaptionFormat, TagRules
-from hydra.web.model import UserError, WebModel
+from hydra.web.model import UserError, WebModel, whole_number
 
 if TYPE_CHECKING:
     from hydra.web.service import Limits, WebService
@@ -132,12 +131,9 @@ def batch_captions(model: WebModel, topk: int | None, *, extension: str | None =
 def _max_tags(value) -> int | None:
     """`--max-tags` from the form: a whole number; 0 or empty = no limit."""
     try:
-        n = float(0 if value is None or value == "" else value)
-    except (TypeError, ValueError):
-        n = float("nan")
-    if isinstance(value, bool) or not (math.isfinite(n) and n >= 0 and n == int(n)):
-        raise UserError(f"Max tags must be a whole number (0 = no limit), got {value!r}.")
-    return int(n) or None
+        return whole_number(0 if value is None or value == "" else value, 0) or None
+    except ValueError:
+        raise UserError(f"Max tags must be a whole number (0 = no limit), got {value!r}.") from None
 
 
 def tag_uploads(web: WebService, model: WebModel, paths: list[str], rules: TagRules, size: int,

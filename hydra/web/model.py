@@ -247,15 +247,27 @@ def parse_symmetric(value: float | str | None) -> float:
     return s
 
 
+def whole_number(value, minimum: int) -> int:
+    """A form or JSON value (number or text) as an int, if it is a whole number of at least `minimum`.
+
+    Raises:
+        ValueError: not a number, a bool, NaN, infinite, fractional or below `minimum`.
+    """
+    try:
+        n = float(value)
+    except (TypeError, ValueError):
+        n = float("nan")
+    if isinstance(value, bool) or not (math.isfinite(n) and n >= minimum and n == int(n)):
+        raise ValueError(value)
+    return int(n)
+
+
 def parse_topk(value: float | str) -> int:
     """A top-k count: a whole number of at least 1 (more than the model's tags simply keeps them all)."""
     try:
-        k = float(value)
-    except (TypeError, ValueError):
-        k = float("nan")
-    if isinstance(value, bool) or not (math.isfinite(k) and k >= 1 and k == int(k)):
-        raise UserError(f"Top k must be a whole number of at least 1, got {value!r}.")
-    return int(k)
+        return whole_number(value, 1)
+    except ValueError:
+        raise UserError(f"Top k must be a whole number of at least 1, got {value!r}.") from None
 
 
 def clamp_int(value, low: int, high: int, what: str) -> int:
