@@ -27,6 +27,7 @@ from hydra.tagger import Tagger
 from hydra.tags.rules import (
     CATEGORIES,
     SUBCATEGORIES,
+    CaptionFormat,
     DataFileError,
     TagRules,
     TagSettings,
@@ -213,10 +214,11 @@ class WebModel:
         """Passing tags with their (implication-adjusted) probabilities, most probable first."""
         return ranked(rules.classify(probs))
 
-    def caption(self, tags: list[tuple[str, float]]) -> str:
+    def caption(self, tags: list[tuple[str, float]], captions: CaptionFormat | None = None, prefix: str = "") -> str:
         """The .txt caption of classified tags, as the CLI writes it for this model (its family's order and
-        spelling)."""
-        return self.settings.captions.caption(dict(sorted(tags, key=lambda tp: self.position[tp[0]])))
+        spelling), in `captions` (None: the model's format) after the `-p` items of `prefix`."""
+        return (captions or self.settings.captions).caption(
+            dict(sorted(tags, key=lambda tp: self.position[tp[0]])), prefix)
 
     def category_name(self, tag: str) -> str | None:
         """Category name: e621's, or one the model names (Hydra 3.5); "unassigned" for -1 or an unknown id; None

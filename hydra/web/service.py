@@ -272,8 +272,7 @@ class WebService:
         # the client gave is on the symmetric scale of JTP-3's tools (named, with the p it means)
         return {"model": model.name, "scale": "probability", "selection": selection(model, fields),
                 "tags": [{"tag": t, "probability": p, "category": model.category_name(t)} for t, p in tags],
-                "caption": (captions.captions or model.settings.captions).caption(
-                    dict(sorted(tags, key=lambda tp: model.position[tp[0]])), captions.prefix),
+                "caption": model.caption(tags, captions.captions, captions.prefix),
                 **({"notes": list(captions.notes)} if captions.notes else {})}  # option values the model cannot use
 
     def request_settings(self, fields: dict, data: bytes | None) -> tuple[WebModel, TagRules, batches.BatchCaptions]:
